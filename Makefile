@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch and torchvision are pinned here (not in pyproject.toml) to the builds that install from local disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+RUN ?= runs/demo
+
+.PHONY: venv demo test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e ".[test,text]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+# REED training on the embedded default (sklearn digits), then samples from the trained EMA model.
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/reed fit-encoder configs/demo.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/reed train configs/demo.yaml --out $(RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/reed sample $(RUN) --num 100 --out $(RUN)/samples.npz
+	@echo "demo done: see $(RUN)/samples.png, $(RUN)/loss.png and $(RUN)/samples/"
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .cache

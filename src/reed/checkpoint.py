@@ -1,0 +1,213 @@
+"""Checkpoints: safetensors weights + JSON state, written atomically, validated on load.
+
+Layout of one checkpoint directory ``<run>/checkpoints/step_0000500/``::
+
+    model.safetensors      trainable module (``denoiser.*`` and ``projectors.<name>.*``)
+    ema.safetensors        EMA of the denoiser (its own keys, no prefix)
+    optimizer.safetensors  optimizer tensors (``state.<param index>.<name>``) and RNG states (``rng.*``)
+    state.json             step, optimizer param groups and scalar state, scheduler, numpy/python RNG, metadata
+    config.yaml            the resolved run config
+
+The directory is first written under a temporary name and then renamed, so an interrupted save never leaves
+a half checkpoint; ``<run>/checkpoints/latest`` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from reed.errors import CheckpointError
+
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _optimizer_to_flat(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and JSON-able scalars."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt_state["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"state.{idx}.{name}"] = val
+            else:
+                scalars.setdefault(str(idx), {})[name] = val
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if not key.startswith("state."):
+            continue
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = val
+    for idx, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(sc)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Global RNG states: torch (CPU and CUDA) as tensors, numpy and python as JSON."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in meta:
+        n = meta["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "python" in meta:
+        p = meta["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+                    optimizer: dict[str, Any], scheduler: dict[str, Any] | None, config_yaml: str,
+                    extra: dict[str, Any] | None = None, keep: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and prune to the newest ``keep`` (0 = all)."""
+    ck_root = Path(run_dir) / "checkpoints"
+    ck_root.mkdir(parents=True, exist_ok=True)
+    final = ck_root / step_dirname(step)
+    tmp = ck_root / f".tmp-{step_dirname(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    rng_tensors, rng_meta = capture_rng()
+    save_file(_contiguous(model), str(tmp / "model.safetensors"))
+    save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+    save_file(_contiguous({**opt_tensors, **rng_tensors}), str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_meta, "extra": extra or {}}
+    (tmp / "state.json").write_text(json.dumps(state))
+    (tmp / "config.yaml").write_text(config_yaml)
+    if final.exists():  # re-saving the same step: move the old one aside first
+        old = ck_root / f".old-{step_dirname(step)}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    atomic_write_text(ck_root / "latest", final.name + "\n")
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory (newest checkpoint), a ``checkpoints`` dir or the dir itself."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path does not exist: {p}")
+    if (p / "state.json").is_file() or (p / "model.safetensors").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        latest = root / "latest"
+        if latest.is_file():
+            cand = root / latest.read_text().strip()
+            if cand.is_dir():
+                return cand
+        found = list_checkpoints(root.parent) if root.name == "checkpoints" else []
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no checkpoint found in {p} (expected <run>/checkpoints/step_*/ or a checkpoint directory)")
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint file is corrupt or unreadable: {path} ({e})") from None
+
+
+def read_config_text(ckpt: Path) -> str:
+    p = Path(ckpt) / "config.yaml"
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file missing: {p}")
+    return p.read_text()
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    p = Path(ckpt) / "state.json"
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file missing: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint file is corrupt: {p} ({e})") from None
+
+
+def load_weights(ckpt: Path, which: str = "model") -> dict[str, torch.Tensor]:
+    """Tensors of ``model``/``ema``/``optimizer`` from a checkpoint directory (CheckpointError if missing/corrupt)."""
+    return _load_tensors(Path(ckpt) / f"{which}.safetensors")
+
+
+def load_optimizer_state(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(optimizer state_dict, rng tensors) from a checkpoint."""
+    tensors = load_weights(ckpt, "optimizer")
+    opt = _optimizer_from_flat(tensors, state["optimizer"])
+    return opt, {k: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def load_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(weights)`` with a CheckpointError naming the source and the mismatched keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    bad_shape = [f"{k}: {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+                 if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(
+            f"weights in {source} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {bad_shape[:5]}"
+        )
+    module.load_state_dict(weights)

@@ -1,0 +1,362 @@
+"""Typed experiment configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A run is fully described by its :class:`Config`: the trainer saves the resolved config as
+``<out>/config.yaml`` and inside every checkpoint, and ``reed sample`` rebuilds the model from it.
+
+Overrides use dotted keys and YAML values, e.g. ``train.steps=200 model.depth=4 targets.0.coeff=0.25``.
+Unknown keys and values of the wrong type raise :class:`~reed.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from reed.errors import ConfigError
+
+TIME_WEIGHTS = ("constant", "linear", "cosine", "sigmoid", "loglinear", "cutoff")
+
+
+@dataclass
+class DataConfig:
+    """Where the training examples come from.
+
+    ``name='digits'``: the embedded default, ``sklearn.datasets.load_digits`` (1797 real 8x8 digits, 10 classes).
+    ``name='npz'``: a user file with ``images`` (N,H,W[,C]) uint8 or (N,C,H,W) float in [-1,1] and ``labels`` (N,).
+    """
+
+    name: Literal["digits", "npz"] = "digits"
+    path: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """SiT denoiser. ``preset`` names a size (``SiT-XL/2`` ... ``SiT-T/2``); explicit fields override it.
+
+    ``input_size``, ``in_channels`` and ``num_classes`` are filled from the data when left ``None``.
+    """
+
+    preset: str = "SiT-T/2"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    fused_attn: bool = True
+    input_size: int | None = None
+    in_channels: int | None = None
+    num_classes: int | None = None
+
+
+@dataclass
+class ProcessConfig:
+    """Continuous flow process (t=0 data, t=1 noise)."""
+
+    path: Literal["linear", "cosine"] = "linear"
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    lognormal_mean: float = 0.0
+    lognormal_std: float = 1.0
+    label_dropout: float = 0.1
+
+
+@dataclass
+class TargetConfig:
+    """One alignment target: where z comes from and how the denoiser is aligned to it.
+
+    source:
+      * ``fitted_encoder`` — an encoder fitted on this data set by ``reed fit-encoder`` (directory ``path``).
+      * ``caption_text`` — a caption per example, embedded by the sentence encoder ``encoder`` (``minilm`` or a path).
+      * ``file`` — a precomputed array (``.npy``/``.npz``/``.safetensors``) of shape (N,T,D) or (N,D) at ``path``.
+    kind: ``tokens`` aligns every token (B,T,D); ``pooled`` aligns the token mean (B,D).
+    depth: tap depth in the denoiser (1 = output of the first block).
+    modality: ``image`` targets are the only ones the ``repa`` preset uses.
+    """
+
+    name: str = "target"
+    source: Literal["fitted_encoder", "caption_text", "file"] = "fitted_encoder"
+    path: str | None = None
+    encoder: str = "minilm"
+    kind: Literal["tokens", "pooled"] = "tokens"
+    modality: Literal["image", "text", "other"] = "image"
+    depth: int = 2
+    coeff: float = 1.0
+    time_weight: Literal["constant", "linear", "cosine", "sigmoid", "loglinear", "cutoff"] = "constant"
+    cutoffs: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    projector_dim: int = 2048
+    dim: int | None = None
+
+
+@dataclass
+class CurriculumConfig:
+    """Weights as pure functions of the step (see :mod:`reed.curriculum`). ``total``/``align_steps`` of 0
+    mean ``train.steps``."""
+
+    gen_start: int = 0
+    gen_warmup: int = 0
+    gen_decay: Literal["constant", "linear", "cosine"] = "constant"
+    align_decay: Literal["constant", "linear", "cosine"] = "constant"
+    align_steps: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    """``method``: ``sit`` (no alignment), ``repa`` (image targets averaged, constant weights) or ``reed``
+    (targets summed with coefficients, time weights and the curriculum). ``proj_coeff`` scales the alignment sum."""
+
+    method: Literal["sit", "repa", "reed"] = "reed"
+    proj_coeff: float = 0.5
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+@dataclass
+class SampleConfig:
+    """Sampler used for in-training previews and ``reed sample`` defaults."""
+
+    sampler: Literal["euler", "heun", "sde"] = "euler"
+    steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    use_ema: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_warmup: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.9999
+    log_every: int = 10
+    sample_every: int = 0
+    num_preview: int = 40
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_with: list[str] = field(default_factory=list)
+    cache_dir: str = ".cache/reed"
+    progress: bool = True
+
+
+@dataclass
+class FitConfig:
+    """``reed fit-encoder``: a small CNN fitted with VICReg on the training images (for ``fitted_encoder`` targets)."""
+
+    dim: int = 64
+    width: int = 64
+    downsample: int = 1
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 1e-3
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+    targets: list[TargetConfig] = field(default_factory=list)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building from dicts with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where lossless (int -> float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (valid keys here: {', '.join(sorted(names))})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts/lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config override '{dotted}': '{where}' is not a valid list index")
+            node = node[int(part)]
+        else:
+            if part not in node:
+                raise ConfigError(f"unknown config key '{where}' in override '{dotted}'")
+            node = node[part]
+        if node is None:
+            raise ConfigError(f"config override '{dotted}': '{where}' is null and has no sub-keys")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"config override '{dotted}': '{last}' is not a valid list index")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        if last not in node:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node[last] = value
+    else:
+        raise ConfigError(f"config override '{dotted}': cannot set a key inside a {type(node).__name__}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) and re-validate the whole config."""
+    tree = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config override '{item}': value is not valid YAML ({e})") from None
+        _set_dotted(tree, key.strip(), value)
+    return validate(from_dict(Config, tree))
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    t = cfg.train
+    for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
+        if val < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"config key 'train.betas' needs two numbers, got {t.betas}")
+    if not 0.0 <= cfg.process.label_dropout < 1.0:
+        raise ConfigError(f"config key 'process.label_dropout' must be in [0, 1), got {cfg.process.label_dropout}")
+    names = [tg.name for tg in cfg.targets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"target names must be unique, got {names}")
+    for i, tg in enumerate(cfg.targets):
+        if len(tg.cutoffs) != 2 or tg.cutoffs[0] > tg.cutoffs[1]:
+            raise ConfigError(f"config key 'targets.{i}.cutoffs' must be [low, high] with low <= high, "
+                              f"got {tg.cutoffs}")
+        if tg.depth < 1:
+            raise ConfigError(f"config key 'targets.{i}.depth' must be >= 1, got {tg.depth}")
+        if tg.source in ("fitted_encoder", "file") and not tg.path:
+            raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")
+    s = cfg.sample
+    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
+        raise ConfigError(f"sample.guidance_low/high must satisfy 0 <= low <= high <= 1, got {s.guidance_low}, "
+                          f"{s.guidance_high}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    cfg = validate(from_dict(Config, tree))
+    return apply_overrides(cfg, overrides or []) if overrides else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the resolved config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_from_yaml_text(text: str, source: str = "<checkpoint>") -> Config:
+    """Parse a config saved by :func:`dump_config` (e.g. the copy inside a checkpoint)."""
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config stored in {source} is not valid YAML: {e}") from None
+    return validate(from_dict(Config, tree))

@@ -1,0 +1,1 @@
+"""Alignment target sources."""

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from reed.processes.flow import FlowProcess
+from reed.sampling import euler_maruyama_sde, ode_sample, sample
+
+
+def const_model(value: float):
+    return lambda x, t, y: torch.full_like(x, value)
+
+
+def test_euler_one_step():
+    x = torch.tensor([[1.0, 2.0]])
+    y = torch.zeros(1, dtype=torch.long)
+    out = ode_sample(const_model(0.5), x, y, steps=1, null_class=10)
+    assert torch.allclose(out, x - 0.5)  # x + (0 - 1) v
+
+
+def test_heun_two_steps_hand_computed():
+    # v(x, t) = t * x; times 1 -> 0.5 -> 0; Heun corrects the first step only
+    model = lambda x, t, y: t.view(-1, 1) * x
+    x = torch.tensor([[2.0]])
+    y = torch.zeros(1, dtype=torch.long)
+    v0 = 1.0 * 2.0
+    x_e = 2.0 - 0.5 * v0  # Euler predictor = 1.0
+    v1 = 0.5 * x_e
+    x1 = 2.0 - 0.5 * 0.5 * (v0 + v1)  # = 1.375
+    x2 = x1 - 0.5 * (0.5 * x1)  # plain Euler last step
+    out = ode_sample(model, x, y, steps=2, heun=True, null_class=1)
+    assert out.item() == pytest.approx(x2)
+
+
+def test_cfg_and_guidance_interval():
+    # conditional velocity 1, unconditional 0 -> guided u + w (c - u) = w inside the interval
+    model = lambda x, t, y: (y != 7).float().view(-1, 1) * torch.ones_like(x)
+    x = torch.zeros(1, 1)
+    y = torch.zeros(1, dtype=torch.long)
+    out = ode_sample(model, x, y, steps=4, null_class=7, cfg_scale=3.0)
+    assert out.item() == pytest.approx(-3.0)
+    # guidance only for t in [0, 0.5]: times 1, .75 | .5, .25 -> two unguided steps (v=1), two guided (v=3)
+    out = ode_sample(model, x, y, steps=4, null_class=7, cfg_scale=3.0, guidance=(0.0, 0.5))
+    assert out.item() == pytest.approx(-(0.25 * 1 + 0.25 * 1 + 0.25 * 3 + 0.25 * 3))
+
+
+def test_sde_two_steps_hand_computed():
+    fp = FlowProcess("linear")
+    v = 0.3
+    model = const_model(v)
+    x = torch.tensor([[0.7]])
+    y = torch.zeros(1, dtype=torch.long)
+    out = euler_maruyama_sde(model, x, y, steps=2, null_class=1, generator=torch.Generator().manual_seed(5))
+    xi = torch.randn(1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64).item()
+    # step 1: t=1 -> 0.04, drift d = v - 0.5 * 2t * s, s = ((t-1) v - x)/t
+    t0, t1 = 1.0, 0.04
+    s0 = ((t0 - 1) * v - 0.7) / t0
+    d0 = v - 0.5 * 2 * t0 * s0
+    x1 = 0.7 + d0 * (t1 - t0) + math.sqrt(2 * t0) * math.sqrt(t0 - t1) * xi
+    s1 = ((t1 - 1) * v - x1) / t1
+    d1 = v - 0.5 * 2 * t1 * s1
+    x2 = x1 + d1 * (0 - t1)  # last step deterministic
+    assert out.item() == pytest.approx(x2, rel=1e-5)
+    assert fp.path == "linear"
+
+
+def gaussian_velocity(m: float, s: float):
+    """Exact velocity E[eps - x0 | x_t] for x0 ~ N(m, s^2) on the linear path."""
+
+    def fn(x, t, y):
+        tt = t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        var = (1 - tt) ** 2 * s**2 + tt**2
+        return -m + (tt - (1 - tt) * s**2) / var * (x - (1 - tt) * m)
+
+    return fn
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 200), ("heun", 50), ("sde", 400)])
+def test_samplers_transport_noise_to_gaussian_data(sampler, steps):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(20_000, 1, generator=g)
+    y = torch.zeros(20_000, dtype=torch.long)
+    out = sample(gaussian_velocity(2.0, 0.5), noise, y, sampler=sampler, steps=steps, null_class=1,
+                 generator=torch.Generator().manual_seed(1))
+    assert out.mean().item() == pytest.approx(2.0, abs=0.03)
+    assert out.std().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_bad_sampler_args():
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'"):
+        sample(const_model(0), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), sampler="ddim", null_class=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        ode_sample(const_model(0), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), steps=0, null_class=1)
