@@ -158,7 +158,7 @@ class FitConfig:
     dim: int = 64
     width: int = 64
     downsample: int = 1
-    steps: int = 1500
+    steps: int = 300
     batch_size: int = 256
     lr: float = 1e-3
 

@@ -72,8 +72,9 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str =
     align_keys = sorted({k for r in recs for k in r if k.startswith("align/")})
     if align_keys:
         ax2 = ax.twinx()
-        for k in align_keys:
-            ax2.plot(steps, _smooth(np.array([r.get(k, np.nan) for r in recs], dtype=float)), "--", label=k)
+        for i, k in enumerate(align_keys):
+            ax2.plot(steps, _smooth(np.array([r.get(k, np.nan) for r in recs], dtype=float)), "--", label=k,
+                     color=f"C{i + 2}")
         ax2.set_ylabel("alignment (neg. cosine)")
         ax2.legend(loc="upper center", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)

@@ -268,8 +268,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
             if not torch.isfinite(loss):
                 where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-                raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} ({detail}); training stopped. "
-                                         f"{where}")
+                raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} ({detail}); "
+                                         f"training stopped. {where}")
             accelerator.backward(loss / tc.grad_accum)
             for key, val in parts.items():
                 logs[key] = logs.get(key, 0.0) + float(val) / tc.grad_accum

@@ -273,15 +273,16 @@ def fit_encoder(
 
     The pooled embedding ``(B, dim)`` goes through a 2-layer expander MLP (``dim → expander_dim →
     expander_dim``) and :func:`vicreg_loss` (default weights 25/25/1) compares the two views. AdamW, linear
-    warm-up over the first 5% of steps, then cosine decay to 0. The default of 600 steps takes about
-    15 s on 2 CPU cores for the 1797 digits (see the module's tests for the probe accuracy it reaches).
+    warm-up over the first 5% of steps, then cosine decay to 0. For the 1797 digits the defaults (300 steps,
+    ≈ 65 ms/step) take about 20 s on 2 idle CPU cores (40 s on one); the pooled features then reach ≈ 0.98
+    linear-probe accuracy vs ≈ 0.92 for the same network at random init (0.97 for raw pixels).
 
     Args:
         images: ``(N, C, H, W)`` images in [-1, 1] (background -1).
         device: where to train; defaults to ``images.device``.
 
     Returns:
-        ``(encoder, losses)``: the encoder in eval mode with ``requires_grad=False`` on CPU-or-``device``,
+        ``(encoder, losses)``: the encoder (on ``device``) in eval mode with ``requires_grad=False``,
         and the total loss per step (length ``steps``).
     """
     from tqdm.auto import tqdm
