@@ -162,7 +162,12 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     ``stop_at`` ends the loop after that many steps as if interrupted (checkpoints already written are kept).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
+
+    # Accelerate keeps a process-wide singleton; drop its mixed-precision settings (not the distributed state)
+    # so several runs with different precision can be trained from one Python process (notebooks, tests).
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     run_dir = Path(out_dir)
     tc = cfg.train
@@ -282,6 +287,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         done = step + 1
         bar.update(1)
         if step % tc.log_every == 0 or done == tc.steps:
+            if world > 1:  # average the logged values over processes (each saw its shard of the batch)
+                vals = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
+                logs = dict(zip(logs, vals.tolist()))
             now = time.perf_counter()
             rec = {"step": step, **{k: round(v, 6) for k, v in logs.items()}, "grad_norm": round(grad_norm, 6),
                    "lr": sched.get_last_lr()[0], "time": round(now - t_last, 4)}
