@@ -98,6 +98,38 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _process() -> tuple[int, int, object]:
+    """(process index, number of processes, state) under `accelerate launch` (0, 1 when run plainly)."""
+    from accelerate import PartialState
+
+    st = PartialState()
+    return st.process_index, st.num_processes, st
+
+
+def cmd_embed(args) -> int:
+    from reed.targets.embed import embed_target
+
+    cfg = _load(args)
+    rank, world, st = _process()
+    rep = embed_target(cfg, args.target, args.out, dtype=args.dtype, shard_size=args.shard_size,
+                       batch_size=args.batch_size, process_index=rank, num_processes=world,
+                       progress=cfg.train.progress and rank == 0, barrier=st.wait_for_everyone)
+    if rank == 0:
+        print(f"target '{args.target}' {rep['shape']} x {rep['count']} -> {args.out} "
+              f"({rep['written']} shards written here, {rep['skipped']} already there). Train with:\n"
+              f"  targets.<i>.source=store targets.<i>.path={args.out}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from reed.official import import_official
+
+    ck = import_official(args.checkpoint, args.out, which=args.which, keep_projectors=args.keep_projectors,
+                         num_heads=args.num_heads, vae=args.vae, latents=args.latents)
+    print(f"imported {args.checkpoint} ({args.which} weights) -> {ck}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reed", description="Train diffusion/flow models with REED representation "
                                 "guidance.")
@@ -120,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
     sp.set_defaults(func=cmd_train)
 
+    sp = with_config("embed", "compute one target over the data set into a sharded target store")
+    sp.add_argument("--target", required=True, help="target name in the config")
+    sp.add_argument("--out", required=True, help="store directory")
+    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    sp.add_argument("--shard-size", type=int, default=10_000)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.set_defaults(func=cmd_embed)
+
     sp = sub.add_parser("sample", help="generate samples from a run or checkpoint into an ADM-layout .npz")
     sp.add_argument("run", help="run directory or checkpoint directory")
     sp.add_argument("--num", type=int, default=100)
@@ -134,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("import", help="import a released REPA/REED SiT checkpoint as a reed checkpoint")
+    sp.add_argument("checkpoint", help="released .pt (bare state dict or {model, ema, args, ...}) or .safetensors")
+    sp.add_argument("--out", required=True, help="directory to create (a reed run directory)")
+    sp.add_argument("--which", choices=["ema", "model"], default="ema", help="weights to take from a training file")
+    sp.add_argument("--keep-projectors", action="store_true", help="keep the alignment projectors")
+    sp.add_argument("--num-heads", type=int, default=None, help="attention heads (default: SiT table by width)")
+    sp.add_argument("--vae", default=None, help="VAE (dir or hub id) to decode samples with")
+    sp.add_argument("--latents", default=None, help="prepared latents dir, to continue training")
+    sp.set_defaults(func=cmd_import)
     return p
 
 

@@ -29,9 +29,11 @@ class DataConfig:
 
     ``name='digits'``: the embedded default, ``sklearn.datasets.load_digits`` (1797 real 8x8 digits, 10 classes).
     ``name='npz'``: a user file with ``images`` (N,H,W[,C]) uint8 or (N,C,H,W) float in [-1,1] and ``labels`` (N,).
+    ``name='images'``: a directory written by ``reed prepare images`` (uint8 shards), trained in pixel space.
+    ``name='latents'``: a directory written by ``reed prepare latents`` (VAE posterior mean/std, resampled each step).
     """
 
-    name: Literal["digits", "npz"] = "digits"
+    name: Literal["digits", "npz", "images", "latents"] = "digits"
     path: str | None = None
 
 
@@ -74,13 +76,20 @@ class TargetConfig:
       * ``fitted_encoder`` — an encoder fitted on this data set by ``reed fit-encoder`` (directory ``path``).
       * ``caption_text`` — a caption per example, embedded by the sentence encoder ``encoder`` (``minilm`` or a path).
       * ``file`` — a precomputed array (``.npy``/``.npz``/``.safetensors``) of shape (N,T,D) or (N,D) at ``path``.
+      * ``store`` — a target store directory written by ``reed embed`` (sharded, memory-mapped) at ``path``.
+      * ``encoder`` — a frozen pretrained image encoder named ``encoder`` (e.g. ``dinov2-vit-b``; weights from
+        ``path`` or the HF cache), run on every batch (slow: prefer ``reed embed`` + ``source: store``).
+      * ``vlm`` — (image, caption) through the VLM ``encoder`` (a transformers image-text-to-text model), mean of
+        hidden layer ``layer`` over real tokens; captions from ``captions`` (a ``reed caption`` directory).
+        Only through ``reed embed`` into a store.
+    captions: a ``reed caption`` output directory (for ``caption_text``/``vlm`` on data without built-in captions).
     kind: ``tokens`` aligns every token (B,T,D); ``pooled`` aligns the token mean (B,D).
     depth: tap depth in the denoiser (1 = output of the first block).
     modality: ``image`` targets are the only ones the ``repa`` preset uses.
     """
 
     name: str = "target"
-    source: Literal["fitted_encoder", "caption_text", "file"] = "fitted_encoder"
+    source: Literal["fitted_encoder", "caption_text", "file", "store", "encoder", "vlm"] = "fitted_encoder"
     path: str | None = None
     encoder: str = "minilm"
     kind: Literal["tokens", "pooled"] = "tokens"
@@ -91,6 +100,8 @@ class TargetConfig:
     cutoffs: list[float] = field(default_factory=lambda: [0.0, 1.0])
     projector_dim: int = 2048
     dim: int | None = None
+    captions: str | None = None
+    layer: int = 15
 
 
 @dataclass
@@ -322,7 +333,7 @@ def validate(cfg: Config) -> Config:
                               f"got {tg.cutoffs}")
         if tg.depth < 1:
             raise ConfigError(f"config key 'targets.{i}.depth' must be >= 1, got {tg.depth}")
-        if tg.source in ("fitted_encoder", "file") and not tg.path:
+        if tg.source in ("fitted_encoder", "file", "store") and not tg.path:
             raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")
     s = cfg.sample
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:

@@ -38,7 +38,7 @@ from reed.checkpoint import (
     save_checkpoint,
 )
 from reed.config import Config, config_from_yaml_text, dump_config, to_dict
-from reed.data.images import ImageDataset, batch_indices, load_dataset, to_uint8
+from reed.data.images import batch_indices, load_dataset, to_uint8
 from reed.ema import EMA
 from reed.errors import ConfigError, NonFiniteLossError
 from reed.models.sit import SiT, build_sit, drop_labels
@@ -52,7 +52,7 @@ from reed.targets.prepare import prepare_targets
 RESUME_MUST_MATCH = ("seed", "data", "model", "process", "targets", "objective")
 
 
-def resolve_model_config(cfg: Config, ds: ImageDataset) -> Config:
+def resolve_model_config(cfg: Config, ds) -> Config:
     """Fill model.input_size / in_channels / num_classes from the data set; error if they contradict it."""
     c, h, w = ds.shape
     if h != w:
@@ -190,10 +190,12 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     terms_cfg = [t for t, a in zip(cfg.targets, align_terms(cfg))
                  if a.name in {x.name for x in active_terms(align_terms(cfg), cfg.objective.method)}]
     with accelerator.main_process_first():
-        targets = prepare_targets(terms_cfg, ds, tc.cache_dir, progress=tc.progress and accelerator.is_main_process)
-    cfg = replace(cfg, targets=[replace(t, dim=int(targets[t.name].shape[-1])) if t.name in targets else t
+        targets = prepare_targets(terms_cfg, ds, tc.cache_dir, progress=tc.progress and accelerator.is_main_process,
+                                  device=device)
+    cfg = replace(cfg, targets=[replace(t, dim=int(targets[t.name].dim)) if t.name in targets else t
                                 for t in cfg.targets])
 
+    torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
     denoiser = build_denoiser(cfg)
     _check_depths(cfg, denoiser.depth)
     objective = build_objective(cfg)
@@ -264,9 +266,9 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         logs: dict[str, float] = {}
         for k in range(tc.grad_accum):
             sl = idx[k * micro : (k + 1) * micro]
-            x0 = ds.images[sl].to(device, non_blocking=True)
-            y = drop_labels(ds.labels[sl].to(device), cfg.process.label_dropout, null_class, g)
-            z = {name: t[sl].to(device, non_blocking=True) for name, t in targets.items()}
+            x0, y = ds.batch(sl, generator=g, device=device)
+            y = drop_labels(y, cfg.process.label_dropout, null_class, g)
+            z = {name: t.get(sl).to(device, non_blocking=True) for name, t in targets.items()}
             ctx = accelerator.no_sync(module) if k < tc.grad_accum - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 loss, parts = objective(module, x0, y, z, step, generator=g)

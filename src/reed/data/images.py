@@ -44,8 +44,21 @@ class ImageDataset:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """(C, H, W)."""
+        """(C, H, W) of the training tensors."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def batch(self, indices: torch.Tensor, *, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean training tensors (B,C,H,W) in [-1,1] and labels (B,) for global ``indices``."""
+        return self.images[indices].to(device, non_blocking=True), self.labels[indices].to(device)
+
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images (B,C,H,W) float in [-1,1] (what pixel-space encoders such as the fitted one see)."""
+        return self.images[indices]
+
+    def raw_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B,C,H,W) for encoders that see the raw picture."""
+        return ((self.images[indices].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -93,8 +106,15 @@ def _from_npz(path: Path) -> ImageDataset:
     return ImageDataset(path.stem, x.contiguous(), y, int(y.max()) + 1, captions)
 
 
-def load_dataset(cfg: DataConfig) -> ImageDataset:
-    """Build the data set named by ``cfg``."""
+def load_dataset(cfg: DataConfig):
+    """Build the data set named by ``cfg``: an in-memory :class:`ImageDataset` (digits, npz) or a sharded one
+    (``images``: prepared uint8 shards trained in pixel space; ``latents``: VAE latents, posterior sampled per step)."""
+    if cfg.name in ("images", "latents"):
+        from reed.data.sharded import LatentDataset, PixelShardDataset
+
+        if not cfg.path:
+            raise DataError(f"data.path is required for data.name={cfg.name}")
+        return PixelShardDataset(cfg.path) if cfg.name == "images" else LatentDataset(cfg.path)
     if cfg.name == "digits":
         from reed.data.digits import load_digits_arrays
 

@@ -1,9 +1,14 @@
-"""Turn the config's target list into target tensors, computed once per data set and cached on disk.
+"""Turn the config's target list into target providers the trainer reads per batch.
 
-Each target becomes a tensor aligned with the data set: (N,T,D) for ``kind: tokens`` or (N,D) for
-``kind: pooled``. Frozen encoders are run once over the (un-augmented) data and the result is stored as
-safetensors under ``<cache_dir>/targets/`` keyed by the encoder and data fingerprints, so training never
-recomputes a target and a second run starts immediately.
+A provider returns, for global example indices, (B,T,D) for ``kind: tokens`` or (B,D) for ``kind: pooled``:
+
+* in-memory tensors: ``fitted_encoder`` and ``caption_text`` targets are computed once over the (un-augmented)
+  data and cached as safetensors under ``<cache_dir>/targets/`` keyed by encoder and data fingerprints;
+  ``file`` targets are read from an array file;
+* ``store`` targets are memory-mapped rows of a store written by ``reed embed`` (:mod:`reed.targets.store`);
+* ``encoder`` targets run a frozen image encoder on every batch (the reference's way; slow).
+
+:func:`target_rows` computes any source for a batch of indices; ``reed embed`` uses it to fill a store.
 """
 
 from __future__ import annotations
@@ -39,13 +44,21 @@ def _fitted_encoder_targets(tg: TargetConfig, ds: ImageDataset, batch: int = 512
     enc = load_encoder(tg.path)
     outs = []
     for i in range(0, len(ds), batch):
-        x = ds.images[i : i + batch]
+        x = ds.pixels(torch.arange(i, min(i + batch, len(ds))))
         outs.append(enc.tokens(x) if tg.kind == "tokens" else enc.pooled(x))
     return torch.cat(outs).float(), encoder_fingerprint(enc)
 
 
-def dataset_captions(ds: ImageDataset) -> list[str]:
-    """Captions for each example: stored ones (``captions`` in the npz) or generated for the digits default."""
+def dataset_captions(ds: ImageDataset, captions_dir: str | None = None) -> list[str]:
+    """Captions for each example: a ``reed caption`` directory, stored ones (``captions`` in the npz), or generated
+    for the digits default."""
+    if captions_dir:
+        from reed.targets.vlm import read_captions
+
+        caps = read_captions(captions_dir)
+        if len(caps) != len(ds):
+            raise DataError(f"captions in {captions_dir}: {len(caps)} captions for {len(ds)} examples")
+        return caps
     if ds.captions is not None:
         return ds.captions
     if ds.name == "digits":
@@ -61,7 +74,7 @@ def _caption_targets(tg: TargetConfig, ds: ImageDataset, cache_dir: Path, progre
 
     if tg.kind != "pooled":
         raise DataError(f"target '{tg.name}': caption embeddings are pooled vectors; set kind: pooled")
-    captions = dataset_captions(ds)
+    captions = dataset_captions(ds, tg.captions)
     enc = SentenceEncoder.from_pretrained(resolve_text_encoder(tg.encoder))
     z = enc.encode(captions, batch_size=128, progress=progress)
     out = cache_dir / "captions" / f"{ds.name}-{ds.fingerprint}.txt"
@@ -107,15 +120,90 @@ def validate_target(tg: TargetConfig, z: torch.Tensor, n: int, source: str) -> t
     return z.float()
 
 
+class TensorTargets:
+    """Targets held in memory: (N,T,D) or (N,D)."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z
+
+    @property
+    def dim(self) -> int:
+        return int(self.z.shape[-1])
+
+    def get(self, indices) -> torch.Tensor:
+        return self.z[indices]
+
+
+class StoreTargets:
+    """Targets memory-mapped from a :class:`~reed.targets.store.TargetStore`; each batch is checked for NaN."""
+
+    def __init__(self, tg: TargetConfig, ds):
+        from reed.targets.store import TargetStore
+
+        self.name = tg.name
+        self.store = TargetStore(tg.path, expect_count=len(ds), expect_dim=tg.dim, expect_dataset=ds.fingerprint)
+        want = 2 if tg.kind == "tokens" else 1
+        if len(self.store.shape) != want:
+            layout = "(N,T,D)" if want == 2 else "(N,D)"
+            raise DataError(f"target '{tg.name}': store {tg.path} holds rows of shape {self.store.shape}, but kind "
+                            f"'{tg.kind}' needs {layout}")
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def get(self, indices) -> torch.Tensor:
+        z = self.store.get(indices)
+        if not torch.isfinite(z).all():
+            raise DataError(f"target '{self.name}': store {self.store.dir} has NaN/inf rows in this batch")
+        return z
+
+
+class OnlineEncoderTargets:
+    """A frozen image encoder run on the raw images of every batch (no store)."""
+
+    def __init__(self, tg: TargetConfig, ds, device: torch.device | str = "cpu"):
+        from reed.targets.encoders import load_image_encoder
+
+        self.tg, self.ds = tg, ds
+        res = ds.raw_images([0]).shape[-1]
+        try:
+            self.encoder = load_image_encoder(tg.encoder, tg.path, resolution=res, device=device)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"target '{tg.name}': {e}") from None
+        self.device = device
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.dim)
+
+    @torch.no_grad()
+    def get(self, indices) -> torch.Tensor:
+        z = self.encoder(self.ds.raw_images(indices).to(self.device))
+        return z.mean(dim=1) if self.tg.kind == "pooled" else z
+
+
 def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: str | Path = ".cache/reed",
-                    progress: bool = True) -> dict[str, torch.Tensor]:
-    """{name: (N,T,D) or (N,D) float32} for every target, computing and caching encoder outputs as needed."""
+                    progress: bool = True, device: torch.device | str = "cpu") -> dict[str, object]:
+    """{name: provider} for every target (``provider.get(indices)`` -> (B,T,D)/(B,D), ``provider.dim``).
+
+    In-memory sources are computed once and cached; stores are validated on open.
+    """
     cache = Path(cache_dir)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, object] = {}
     for tg in targets:
         if tg.source == "file":
-            out[tg.name] = validate_target(tg, load_array(tg.path), len(ds), tg.path)
+            out[tg.name] = TensorTargets(validate_target(tg, load_array(tg.path), len(ds), tg.path))
             continue
+        if tg.source == "store":
+            out[tg.name] = StoreTargets(tg, ds)
+            continue
+        if tg.source == "encoder":
+            out[tg.name] = OnlineEncoderTargets(tg, ds, device)
+            continue
+        if tg.source == "vlm":
+            raise DataError(f"target '{tg.name}': VLM caption embeddings are computed once with "
+                            f"`reed embed <config> --target {tg.name} --out DIR`; then use source: store, path: DIR")
         if tg.source == "fitted_encoder":
             from reed.targets.fitted_encoder import encoder_fingerprint, load_encoder
 
@@ -135,5 +223,5 @@ def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: st
             else:
                 z, _ = _caption_targets(tg, ds, cache, progress)
             _atomic_save(z, path, {"target": tg.name, "source": tg.source, "key": key, "data": ds.fingerprint})
-        out[tg.name] = validate_target(tg, z, len(ds), str(path))
+        out[tg.name] = TensorTargets(validate_target(tg, z, len(ds), str(path)))
     return out
