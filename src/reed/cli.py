@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from reed.errors import ReedError
+from reed.errors import ConfigError, ReedError
 
 
 def _load(args) -> object:
@@ -45,6 +45,7 @@ def cmd_fit_encoder(args) -> int:
         print("no target with source 'fitted_encoder' in the config; nothing to fit")
         return 0
     ds = load_dataset(cfg.data)
+    pixels = ds.pixels(torch.arange(len(ds)))  # (N,C,H,W) in [-1,1]
     for tg in todo:
         out = Path(tg.path)
         if (out / "encoder.safetensors").is_file() and not args.force:
@@ -52,11 +53,11 @@ def cmd_fit_encoder(args) -> int:
             continue
         f = cfg.fit
         torch.manual_seed(cfg.seed)
-        enc, hist = fit_encoder(ds.images, dim=f.dim, width=f.width, downsample=f.downsample, steps=f.steps,
+        enc, hist = fit_encoder(pixels, dim=f.dim, width=f.width, downsample=f.downsample, steps=f.steps,
                                 batch_size=f.batch_size, lr=f.lr, seed=cfg.seed, progress=cfg.train.progress)
         save_encoder(enc, out)
         with torch.no_grad():
-            feats = enc.pooled(ds.images)
+            feats = enc.pooled(pixels)
         acc = linear_probe_accuracy(feats.numpy(), ds.labels.numpy(), seed=cfg.seed)
         report = {"target": tg.name, "path": str(out), "vicreg_loss_first": hist[0], "vicreg_loss_last": hist[-1],
                   "linear_probe_accuracy": acc}
@@ -93,7 +94,7 @@ def cmd_sample(args) -> int:
 
     info = generate(args.run, num=args.num, out=args.out, sampler=args.sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
-                    batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels)
+                    batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae)
     print(f"wrote {info['num']} samples to {info['npz']} and a grid to {info['grid']}")
     return 0
 
@@ -111,13 +112,89 @@ def cmd_embed(args) -> int:
 
     cfg = _load(args)
     rank, world, st = _process()
-    rep = embed_target(cfg, args.target, args.out, dtype=args.dtype, shard_size=args.shard_size,
+    out = args.out or next((t.store for t in cfg.targets if t.name == args.target and t.store), None)
+    if not out:
+        raise ConfigError(f"give --out or set targets.<i>.store for target '{args.target}'")
+    rep = embed_target(cfg, args.target, out, dtype=args.dtype, shard_size=args.shard_size,
                        batch_size=args.batch_size, process_index=rank, num_processes=world,
                        progress=cfg.train.progress and rank == 0, barrier=st.wait_for_everyone)
     if rank == 0:
-        print(f"target '{args.target}' {rep['shape']} x {rep['count']} -> {args.out} "
+        print(f"target '{args.target}' {rep['shape']} x {rep['count']} -> {out} "
               f"({rep['written']} shards written here, {rep['skipped']} already there). Train with:\n"
-              f"  targets.<i>.source=store targets.<i>.path={args.out}")
+              f"  targets.<i>.store={out}  (or source: store, path: {out})")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from reed.data.prepare import prepare_images, prepare_latents
+
+    rank, world, _ = _process()
+    if args.what == "images":
+        rep = prepare_images(args.src, args.out, resolution=args.resolution, shard_size=args.shard_size,
+                             process_index=rank, num_processes=world, progress=rank == 0,
+                             num_workers=args.num_workers)
+    else:
+        if not args.vae:
+            raise ConfigError("reed prepare latents needs --vae (a diffusers AutoencoderKL directory or hub id)")
+        rep = prepare_latents(args.src, args.out, vae=args.vae, batch_size=args.batch_size, device=args.device,
+                              dtype=args.dtype, process_index=rank, num_processes=world, progress=rank == 0)
+    if rank == 0:
+        print(json.dumps({k: v for k, v in rep.items() if k != "skipped"} | {"skipped": len(rep.get("skipped", []))},
+                         default=str))
+    return 0
+
+
+def _image_source(images_dir: str):
+    from reed.data.shards import ImageShards
+
+    shards = ImageShards(images_dir)
+    return shards, (lambda idx: shards.images(idx))
+
+
+def cmd_caption(args) -> int:
+    from reed.targets.vlm import caption_images
+
+    shards, fn = _image_source(args.images)
+    rank, world, _ = _process()
+    rep = caption_images(args.model, fn, args.out, count=len(shards), prompt=args.prompt,
+                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
+                         process_index=rank, num_processes=world, device=args.device, progress=rank == 0)
+    print(json.dumps(rep, default=str))
+    return 0
+
+
+def cmd_embed_text(args) -> int:
+    """Caption embeddings (sentence encoder, or (image, caption) through a VLM) into a target store."""
+    import numpy as np
+
+    from reed.targets.store import TargetStoreWriter
+    from reed.targets.vlm import embed_captions_text, embed_captions_vlm, read_captions
+
+    captions = read_captions(args.captions)
+    shards, images = _image_source(args.images) if args.images else (None, None)
+    if args.vlm and images is None:
+        raise ConfigError("--vlm needs --images (the prepared images the captions describe)")
+    if shards is not None and len(shards) != len(captions):
+        raise ConfigError(f"{len(captions)} captions in {args.captions} but {len(shards)} images in {args.images}")
+
+    def rows(idx):
+        caps = [captions[i] for i in idx]
+        if args.vlm:
+            return embed_captions_vlm(args.vlm, images(np.asarray(idx)), caps, layer=args.layer,
+                                      batch_size=args.batch_size, device=args.device, progress=False)
+        return embed_captions_text(args.encoder, caps, batch_size=args.batch_size, progress=False)
+
+    dim = int(rows([0]).shape[-1])
+    rank, world, st = _process()
+    w = TargetStoreWriter(args.out, source=f"vlm:{args.vlm}:layer{args.layer}" if args.vlm else f"text:{args.encoder}",
+                          count=len(captions), shape=(dim,), dtype=args.dtype, shard_size=args.shard_size,
+                          dataset_fingerprint=shards.fingerprint if shards is not None else "",
+                          preprocessing={"pooling": "masked mean over real tokens", "captions": str(args.captions)})
+    rep = w.write(rows, batch_size=args.batch_size, process_index=rank, num_processes=world, progress=rank == 0)
+    st.wait_for_everyone()
+    if rank == 0:
+        w.finalize()
+        print(f"caption embeddings ({dim}-d) x {len(captions)} -> {args.out} ({rep['written']} shards written)")
     return 0
 
 
@@ -128,6 +205,15 @@ def cmd_import(args) -> int:
                          num_heads=args.num_heads, vae=args.vae, latents=args.latents)
     print(f"imported {args.checkpoint} ({args.which} weights) -> {ck}")
     return 0
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,11 +240,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config("embed", "compute one target over the data set into a sharded target store")
     sp.add_argument("--target", required=True, help="target name in the config")
-    sp.add_argument("--out", required=True, help="store directory")
+    sp.add_argument("--out", default=None, help="store directory (default: the target's `store` key)")
     sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     sp.add_argument("--shard-size", type=int, default=10_000)
     sp.add_argument("--batch-size", type=int, default=64)
     sp.set_defaults(func=cmd_embed)
+
+    sp = sub.add_parser("prepare", help="prepare data: ImageFolder -> ADM-cropped uint8 shards, or -> VAE latents")
+    sp.add_argument("what", choices=["images", "latents"])
+    sp.add_argument("src", help="ImageFolder root (images) or a prepared images dir (latents)")
+    sp.add_argument("out")
+    sp.add_argument("--resolution", type=int, default=256)
+    sp.add_argument("--shard-size", type=int, default=10_000)
+    sp.add_argument("--num-workers", type=int, default=0)
+    sp.add_argument("--vae", default=None, help="diffusers AutoencoderKL dir or hub id (latents)")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    sp.set_defaults(func=cmd_prepare)
+
+    sp = sub.add_parser("caption", help="caption prepared images with a VLM (sharded, resumable)")
+    sp.add_argument("images", help="prepared images dir")
+    sp.add_argument("out", help="captions dir")
+    sp.add_argument("--model", required=True, help="transformers image-text-to-text model dir or hub id")
+    sp.add_argument("--prompt", default="Describe this image.")
+    sp.add_argument("--max-new-tokens", type=int, default=200)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--shard-size", type=int, default=1000)
+    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    sp.set_defaults(func=cmd_caption)
+
+    sp = sub.add_parser("embed-text", help="embed captions (or image+caption through a VLM) into a target store")
+    sp.add_argument("captions", help="captions dir written by `reed caption`")
+    sp.add_argument("out", help="target store dir")
+    sp.add_argument("--encoder", default="minilm", help="sentence encoder: 'minilm' or a local model dir")
+    sp.add_argument("--vlm", default=None, help="VLM dir/hub id: embed the (image, caption) dialogue instead")
+    sp.add_argument("--images", default=None, help="prepared images dir (required with --vlm)")
+    sp.add_argument("--layer", type=int, default=15, help="VLM hidden layer (0 = input embeddings)")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--shard-size", type=int, default=10_000)
+    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    sp.set_defaults(func=cmd_embed_text)
 
     sp = sub.add_parser("sample", help="generate samples from a run or checkpoint into an ADM-layout .npz")
     sp.add_argument("run", help="run directory or checkpoint directory")
@@ -173,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
+    sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's)")
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("import", help="import a released REPA/REED SiT checkpoint as a reed checkpoint")

@@ -83,6 +83,8 @@ class TargetConfig:
         hidden layer ``layer`` over real tokens; captions from ``captions`` (a ``reed caption`` directory).
         Only through ``reed embed`` into a store.
     captions: a ``reed caption`` output directory (for ``caption_text``/``vlm`` on data without built-in captions).
+    store: where ``reed embed`` writes this target (a target store directory); when set, training reads the
+      target from that store instead of computing it, so one config serves both steps.
     kind: ``tokens`` aligns every token (B,T,D); ``pooled`` aligns the token mean (B,D).
     depth: tap depth in the denoiser (1 = output of the first block).
     modality: ``image`` targets are the only ones the ``repa`` preset uses.
@@ -102,6 +104,7 @@ class TargetConfig:
     dim: int | None = None
     captions: str | None = None
     layer: int = 15
+    store: str | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from reed.checkpoint import load_into, load_weights, read_config_text, resolve_checkpoint
 from reed.config import config_from_yaml_text
 from reed.data.images import to_uint8
+from reed.errors import CheckpointError
 from reed.plots import save_image_grid
 from reed.processes.flow import FlowProcess
 from reed.sampling.samplers import sample as run_sampler
@@ -34,12 +35,44 @@ def load_denoiser(run_or_ckpt: str | Path, *, use_ema: bool = True, device: str 
     return model.to(device).eval().requires_grad_(False), cfg, ckpt
 
 
+class LatentDecoder:
+    """Latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] via a diffusers AutoencoderKL: x = D((z - shift)/scale)."""
+
+    def __init__(self, vae: str, scale: float, shift: float, device: torch.device):
+        from reed.data.prepare import load_vae
+
+        self.vae, self.name, _ = load_vae(vae, device)
+        self.scale, self.shift = scale, shift
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z.float() - self.shift) / self.scale).sample.clamp(-1, 1)
+
+
+def latent_decoder(cfg, ckpt: Path, vae: str | None, device: torch.device) -> LatentDecoder | None:
+    """The VAE decoder for a latent-space run: ``vae`` if given, else the one recorded with the run's latents or
+    the imported checkpoint; None for pixel-space runs."""
+    if cfg.data.name != "latents":
+        return None
+    scale, shift, recorded = 0.18215, 0.0, None
+    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
+        man = json.loads((Path(cfg.data.path) / "manifest.json").read_text())
+        scale, shift, recorded = float(man.get("scale", scale)), float(man.get("shift", shift)), man.get("vae")
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    recorded = recorded or state.get("extra", {}).get("vae")
+    chosen = vae or recorded
+    if not chosen:
+        raise CheckpointError(f"{ckpt} is a latent-space model: pass --vae (a diffusers AutoencoderKL dir or hub id) "
+                              "to decode its samples")
+    return LatentDecoder(chosen, scale, shift, device)
+
+
 @torch.no_grad()
 def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None, sampler: str | None = None,
              steps: int | None = None, cfg_scale: float | None = None,
              guidance: tuple[float | None, float | None] = (None, None), seed: int = 0, batch_size: int = 256,
              use_ema: bool = True, labels: str = "balanced", device: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, vae: str | None = None) -> dict:
     """Sample ``num`` images; settings default to the run's ``sample`` config. Returns the written record."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
@@ -61,6 +94,7 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
         raise ValueError(f"labels must be 'balanced' or 'random', got {labels!r}")
     c, s = cfg.model.in_channels, cfg.model.input_size
     sde_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    decoder = latent_decoder(cfg, ckpt, vae, dev)
     chunks = []
     for i in tqdm(range(0, num, batch_size), disable=not progress, desc="sample"):
         y = ys[i : i + batch_size].to(dev)
@@ -69,7 +103,7 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
                         steps=settings["steps"], null_class=model.null_class, cfg_scale=settings["cfg_scale"],
                         guidance=(settings["guidance_low"], settings["guidance_high"]),
                         process=FlowProcess(cfg.process.path), generator=sde_gen)
-        chunks.append(to_uint8(x))
+        chunks.append(to_uint8(decoder(x) if decoder is not None else x))
     images = np.concatenate(chunks)[:num]
     out = Path(out) if out else Path(run_or_ckpt) / "samples.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +112,7 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
     tmp.replace(out)
     grid = save_image_grid(images[: min(num, 100)], out.with_suffix(".png"), nrow=k if k <= 16 else None)
     record = {"num": int(num), "npz": str(out), "grid": str(grid), "checkpoint": str(ckpt),
-              "weights": "ema" if use_ema else "raw", "labels": labels, "seed": seed, "vae": None, **settings}
+              "weights": "ema" if use_ema else "raw", "labels": labels, "seed": seed,
+              "vae": decoder.name if decoder is not None else None, **settings}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return record

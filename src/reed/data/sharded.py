@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from reed.data.shards import ImageShards, LatentShards, sample_posterior
-from reed.errors import DataError
 
 
 def _np_idx(indices) -> np.ndarray:
@@ -36,7 +35,7 @@ class PixelShardDataset(_Pixels):
         self.num_classes = self.shards.num_classes
         r = self.shards.resolution
         self.shape = (3, r, r)
-        self._labels = torch.from_numpy(np.asarray(self.shards.labels, dtype=np.int64))
+        self.labels = torch.from_numpy(np.asarray(self.shards.labels, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -46,7 +45,7 @@ class PixelShardDataset(_Pixels):
 
     def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         x = self.raw_images(indices).to(device).float() / 127.5 - 1.0
-        return x, self._labels[_np_idx(indices)].to(device)
+        return x, self.labels[_np_idx(indices)].to(device)
 
 
 class LatentDataset(_Pixels):
@@ -55,29 +54,22 @@ class LatentDataset(_Pixels):
     captions = None
 
     def __init__(self, directory: str):
-        self.latents = LatentShards(directory)
-        try:
-            self.images = ImageShards(self.latents.meta["images"]) if hasattr(self.latents, "meta") else None
-        except DataError:
-            self.images = None  # raw pictures are only needed by online encoders
+        self.latents = LatentShards(directory)  # also opens (and checks) the images they were encoded from
+        self.images = self.latents.image_shards
         self.name = f"latents:{directory}"
         self.fingerprint = self.latents.fingerprint
-        self.num_classes = int(np.max(self.latents.labels)) + 1 if len(self.latents) else 0
-        if self.images is not None:
-            self.num_classes = self.images.num_classes
+        self.num_classes = self.latents.num_classes
         c, s = self.latents.latent_channels, self.latents.latent_size
         self.shape = (c, s, s)
-        self._labels = torch.from_numpy(np.asarray(self.latents.labels, dtype=np.int64))
+        self.labels = torch.from_numpy(np.asarray(self.latents.labels, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def raw_images(self, indices) -> torch.Tensor:
-        if self.images is None:
-            raise DataError(f"{self.name}: the images these latents were made from are not available")
         return torch.from_numpy(self.images.images(_np_idx(indices))).permute(0, 3, 1, 2).contiguous()
 
     def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         moments = torch.from_numpy(self.latents.moments(_np_idx(indices))).to(device)
         z = sample_posterior(moments, self.latents.scale, self.latents.shift, generator=generator)
-        return z, self._labels[_np_idx(indices)].to(device)
+        return z, self.labels[_np_idx(indices)].to(device)

@@ -141,11 +141,15 @@ class StoreTargets:
         from reed.targets.store import TargetStore
 
         self.name = tg.name
-        self.store = TargetStore(tg.path, expect_count=len(ds), expect_dim=tg.dim, expect_dataset=ds.fingerprint)
+        where = tg.store or tg.path
+        if not (Path(where) / "manifest.json").is_file() and tg.source != "store":
+            raise DataError(f"target '{tg.name}': no target store at {where}; compute it first with "
+                            f"`reed embed <config> --target {tg.name}`")
+        self.store = TargetStore(where, expect_count=len(ds), expect_dim=tg.dim, expect_dataset=ds.fingerprint)
         want = 2 if tg.kind == "tokens" else 1
         if len(self.store.shape) != want:
             layout = "(N,T,D)" if want == 2 else "(N,D)"
-            raise DataError(f"target '{tg.name}': store {tg.path} holds rows of shape {self.store.shape}, but kind "
+            raise DataError(f"target '{tg.name}': store {where} holds rows of shape {self.store.shape}, but kind "
                             f"'{tg.kind}' needs {layout}")
 
     @property
@@ -195,7 +199,7 @@ def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: st
         if tg.source == "file":
             out[tg.name] = TensorTargets(validate_target(tg, load_array(tg.path), len(ds), tg.path))
             continue
-        if tg.source == "store":
+        if tg.source == "store" or tg.store:
             out[tg.name] = StoreTargets(tg, ds)
             continue
         if tg.source == "encoder":
