@@ -87,3 +87,28 @@ def test_latent_training_with_store_targets_end_to_end(prepared, tmp_path):
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8  # decoded through the VAE to pixels
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["vae"] and rec["vae"].endswith("vae")
+
+
+def test_online_encoder_and_store_give_the_same_training(prepared, tmp_path):
+    """A (tiny, random) DINOv2 run online every step vs embedded once into a store: same losses."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    d = prepared
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "dino")
+    tgt = (f"{{name: dino, source: encoder, encoder: dinov2-vit-s, path: {tmp_path / 'dino'}, kind: tokens, "
+           f"depth: 2, projector_dim: 16}}")
+    base = ["data.name=images", f"data.path={d / 'images'}", "model.preset=SiT-T/4", "train.batch_size=8",
+            "train.steps=3", "train.log_every=1", "train.progress=false", "train.sample_every=0",
+            "objective.method=repa", f"train.cache_dir={tmp_path / 'cache'}"]
+    cfg = str(ROOT / "configs" / "demo.yaml")
+    assert main(["embed", cfg, *base, f"targets=[{tgt}]", "--target", "dino", "--out", str(tmp_path / "st"),
+                 "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "st" / "manifest.json").read_text())["shape"] == [4, 32]  # 28 px / 14 -> 2x2
+    assert main(["train", cfg, *base, f"targets=[{tgt}]", "--out", str(tmp_path / "online")]) == 0
+    stored = tgt[:-1] + f", store: {tmp_path / 'st'}}}"
+    assert main(["train", cfg, *base, f"targets=[{stored}]", "--out", str(tmp_path / "stored")]) == 0
+    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("online", "stored"))
+    assert la == pytest.approx(lb, abs=1e-4)

@@ -6,6 +6,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +317,41 @@ def test_embed_text_minilm():
     assert z.shape == (3, 384) and z.dtype == torch.float32
     torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
     assert (z[0] @ z[2]) > (z[0] @ z[1])
+
+
+def test_cli_caption_and_embed_text_on_prepared_images(tiny_vlm, tmp_path):
+    """`reed caption` over prepared image shards, then `reed embed-text` (VLM and MiniLM) into target stores."""
+    import json
+
+    from PIL import Image
+
+    from reed.cli import main
+    from reed.targets.store import TargetStore
+
+    src = tmp_path / "raw"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            val = 40 * i + (100 if c == "b" else 0)
+            Image.fromarray(np.full((20, 24, 3), val, np.uint8)).save(src / c / f"{i}.png")
+    assert main(["prepare", "images", str(src), str(tmp_path / "img"), "--resolution", "16"]) == 0
+    assert main(["caption", str(tmp_path / "img"), str(tmp_path / "cap"), "--model", str(tiny_vlm),
+                 "--max-new-tokens", "4", "--batch-size", "3", "--shard-size", "4", "--device", "cpu"]) == 0
+    caps = read_captions(tmp_path / "cap")
+    assert len(caps) == 6 and all("Describe" not in c for c in caps)
+    assert main(["embed-text", str(tmp_path / "cap"), str(tmp_path / "vlm_store"), "--vlm", str(tiny_vlm),
+                 "--images", str(tmp_path / "img"), "--layer", "1", "--device", "cpu", "--dtype", "float32"]) == 0
+    st = TargetStore(tmp_path / "vlm_store", expect_count=6)
+    assert st.shape == (tiny_vlm_hidden(tiny_vlm),)
+    man = json.loads((tmp_path / "vlm_store" / "manifest.json").read_text())
+    assert man["source"].endswith("layer1") and man["dataset_fingerprint"]
+    assert main(["embed-text", str(tmp_path / "cap"), str(tmp_path / "txt_store"), "--encoder", "minilm"]) == 0
+    assert TargetStore(tmp_path / "txt_store").shape == (384,)
+    assert main(["embed-text", str(tmp_path / "cap"), str(tmp_path / "x"), "--vlm", str(tiny_vlm)]) == 2
+
+
+def tiny_vlm_hidden(path) -> int:
+    import json
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return int(cfg.get("text_config", cfg).get("hidden_size", cfg.get("hidden_size")))

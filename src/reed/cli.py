@@ -168,7 +168,7 @@ def cmd_embed_text(args) -> int:
     import numpy as np
 
     from reed.targets.store import TargetStoreWriter
-    from reed.targets.vlm import embed_captions_text, embed_captions_vlm, read_captions
+    from reed.targets.vlm import embed_captions_vlm, read_captions
 
     captions = read_captions(args.captions)
     shards, images = _image_source(args.images) if args.images else (None, None)
@@ -177,12 +177,18 @@ def cmd_embed_text(args) -> int:
     if shards is not None and len(shards) != len(captions):
         raise ConfigError(f"{len(captions)} captions in {args.captions} but {len(shards)} images in {args.images}")
 
+    text_encoder = None
+    if not args.vlm:
+        from reed.targets.text import SentenceEncoder, resolve_text_encoder
+
+        text_encoder = SentenceEncoder.from_pretrained(resolve_text_encoder(args.encoder), device=args.device)
+
     def rows(idx):
         caps = [captions[i] for i in idx]
-        if args.vlm:
+        if text_encoder is None:  # the VLM is loaded once and kept by reed.targets.vlm
             return embed_captions_vlm(args.vlm, images(np.asarray(idx)), caps, layer=args.layer,
                                       batch_size=args.batch_size, device=args.device, progress=False)
-        return embed_captions_text(args.encoder, caps, batch_size=args.batch_size, progress=False)
+        return text_encoder.encode(caps, batch_size=args.batch_size)
 
     dim = int(rows([0]).shape[-1])
     rank, world, st = _process()

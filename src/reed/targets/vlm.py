@@ -119,7 +119,23 @@ class _Images:
 
 
 def _load_vlm(model: str | os.PathLike, device: str | torch.device, dtype: torch.dtype):
-    """``(processor, model)`` for an image-text-to-text checkpoint (local directory or hub cache), in eval mode."""
+    """``(processor, model)`` for an image-text-to-text checkpoint (local directory or hub cache), in eval mode.
+
+    The last one loaded is kept, so batch-by-batch callers (``reed embed`` filling a store) load it once.
+    """
+    key = (str(model), str(device), str(dtype))
+    if _VLM_CACHE.get("key") == key:
+        return _VLM_CACHE["value"]
+    _VLM_CACHE.clear()
+    value = _load_vlm_uncached(model, device, dtype)
+    _VLM_CACHE.update(key=key, value=value)
+    return value
+
+
+_VLM_CACHE: dict = {}
+
+
+def _load_vlm_uncached(model: str | os.PathLike, device: str | torch.device, dtype: torch.dtype):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     name = str(model)
