@@ -112,6 +112,13 @@ def test_train_from_store_equals_train_from_cache(encoder_dir, tmp_path):
     la = [json.loads(x)["loss"] for x in (a.run_dir / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (b.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-5)
+    # the store remembers the encoder's weights: a refitted encoder makes it stale
+    other = tmp_path / "other-encoder"
+    torch.manual_seed(1)
+    save_encoder(ConvEncoder(1, dim=16, width=16).eval(), other)
+    stale = cfg_for(other, tmp_path, *base, f"targets.0.store={tmp_path / 'store'}")
+    with pytest.raises(DataError, match="different encoder weights"):
+        train(stale, tmp_path / "stale")
     bad = cfg_for(encoder_dir, tmp_path, *base, "targets.0.source=store", f"targets.0.path={tmp_path / 'store'}",
                   "targets.0.kind=pooled")
     with pytest.raises(DataError, match="kind 'pooled' needs"):

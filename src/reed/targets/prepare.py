@@ -134,6 +134,22 @@ class TensorTargets:
         return self.z[indices]
 
 
+def _weights_fingerprint(tg: TargetConfig) -> str | None:
+    """Fingerprint of the encoder a store was made with, when its weights are at hand (else None: not checked)."""
+    try:
+        if tg.source == "fitted_encoder" and tg.path:
+            from reed.targets.fitted_encoder import encoder_fingerprint, load_encoder
+
+            return encoder_fingerprint(load_encoder(tg.path))
+        if tg.source == "encoder":
+            from reed.targets.encoders import load_image_encoder
+
+            return load_image_encoder(tg.encoder, tg.path).fingerprint
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return None
+
+
 class StoreTargets:
     """Targets memory-mapped from a :class:`~reed.targets.store.TargetStore`; each batch is checked for NaN."""
 
@@ -146,6 +162,12 @@ class StoreTargets:
             raise DataError(f"target '{tg.name}': no target store at {where}; compute it first with "
                             f"`reed embed <config> --target {tg.name}`")
         self.store = TargetStore(where, expect_count=len(ds), expect_dim=tg.dim, expect_dataset=ds.fingerprint)
+        expected = _weights_fingerprint(tg)
+        stored = self.store.meta.get("weights_fingerprint")
+        if expected and stored and expected != stored:
+            raise DataError(f"target '{tg.name}': store {where} was computed with different encoder weights "
+                            f"({stored[:40]}...) than {tg.encoder if tg.source == 'encoder' else tg.path} now has "
+                            f"({expected[:40]}...); rerun `reed embed` into a new directory")
         want = 2 if tg.kind == "tokens" else 1
         if len(self.store.shape) != want:
             layout = "(N,T,D)" if want == 2 else "(N,D)"
