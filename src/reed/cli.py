@@ -92,10 +92,14 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from reed.generate import generate
 
+    rank, world, st = _process()
     info = generate(args.run, num=args.num, out=args.out, sampler=args.sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
-                    batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae)
-    print(f"wrote {info['num']} samples to {info['npz']} and a grid to {info['grid']}")
+                    batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae,
+                    device=str(st.device) if world > 1 else None, process_index=rank, num_processes=world,
+                    barrier=st.wait_for_everyone, progress=rank == 0)
+    if rank == 0:
+        print(f"wrote {info['num']} samples to {info['npz']} and a grid to {info['grid']}")
     return 0
 
 
@@ -204,6 +208,53 @@ def cmd_embed_text(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Standard metrics against a reference (--ref) and/or in-domain metrics against a run's data (--run)."""
+    import numpy as np
+
+    samples = Path(args.samples)
+    if not samples.is_file():
+        raise ConfigError(f"samples file not found: {samples}")
+    settings_file = samples.with_suffix(".json")
+    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    result: dict = {"samples": str(samples), "sampling": sampling}
+    if not args.ref and not args.run:
+        raise ConfigError("reed evaluate needs --ref (reference batch/statistics) and/or --run (in-domain metrics)")
+    if args.ref:
+        from reed.metrics.image import evaluate
+
+        result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
+                                      metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
+    if args.run:
+        import torch
+
+        from reed.checkpoint import read_config_text, resolve_checkpoint
+        from reed.config import config_from_yaml_text
+        from reed.data.images import load_dataset
+        from reed.metrics.indomain import evaluator_for
+
+        ck = resolve_checkpoint(args.run)
+        cfg = config_from_yaml_text(read_config_text(ck), str(ck))
+        ds = load_dataset(cfg.data)
+        with np.load(samples) as f:
+            imgs, labels = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N,C,H,W) in [-1,1]
+        real_shape = tuple(ds.pixels(torch.arange(1)).shape[1:])
+        if tuple(x.shape[1:]) != real_shape:
+            raise ConfigError(f"samples of shape {tuple(x.shape[1:])} (C,H,W) do not match the run's images "
+                              f"{real_shape}")
+        ev = evaluator_for(ds, cfg.train.cache_dir)
+        y = torch.from_numpy(labels).long() if labels is not None else None
+        result["in_domain"] = {**ev(x, y), "evaluator_held_out_accuracy": ev.held_out_accuracy,
+                               "data": cfg.data.name, "definition": "Fréchet distance in the features of a "
+                               "classifier trained on the data set; accuracy = classifier agrees with the label"}
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_import(args) -> int:
     from reed.official import import_official
 
@@ -304,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's)")
     sp.set_defaults(func=cmd_sample)
+
+    sp = sub.add_parser("evaluate", help="image metrics of a samples .npz: FID/sFID/IS/PR/FD_DINOv2 and in-domain")
+    sp.add_argument("samples", help="samples .npz written by `reed sample` (arr_0 uint8 N x H x W x C)")
+    sp.add_argument("--ref", default=None, help="reference: ADM batch .npz, images (.npz/.npy/folder)")
+    sp.add_argument("--inception", default=None, help="FID Inception weights file (pt_inception-2015-12-05-*.pth)")
+    sp.add_argument("--dinov2", default=None, help="DINOv2 directory for FD_DINOv2")
+    sp.add_argument("--metrics", default="fid,sfid,is,pr")
+    sp.add_argument("--run", default=None, help="run dir: in-domain FD + class accuracy against its data set")
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--out", default=None, help="write the results JSON here")
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("import", help="import a released REPA/REED SiT checkpoint as a reed checkpoint")
     sp.add_argument("checkpoint", help="released .pt (bare state dict or {model, ema, args, ...}) or .safetensors")

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -156,10 +157,12 @@ def _step_generator(seed: int, step: int, rank: int, device: torch.device) -> to
     return g
 
 
-def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None,
+          checkpoint_steps: Sequence[int] = ()) -> TrainResult:
     """Train ``cfg`` into ``out_dir``. ``resume`` continues from the newest checkpoint there.
 
     ``stop_at`` ends the loop after that many steps as if interrupted (checkpoints already written are kept).
+    ``checkpoint_steps`` adds checkpoints at those steps (e.g. log-spaced evaluation points of a benchmark).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -238,6 +241,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     micro = tc.batch_size // world // tc.grad_accum
     null_class = denoiser.null_class
     last_ckpt = ckpt
+    extra_ckpts = set(checkpoint_steps)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and accelerator.is_main_process),
                desc="train", dynamic_ncols=True)
@@ -304,7 +308,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
         if tc.sample_every > 0 and (done % tc.sample_every == 0 or done == 1) and done != tc.steps:
             previews(done)
-        if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps:
+        if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps or done in extra_ckpts:
             last_ckpt = checkpoint(done)
     bar.close()
     final_step = end
