@@ -21,8 +21,9 @@ venv: $(BIN)/.installed
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/reed fit-encoder configs/demo.yaml
 	HF_HUB_OFFLINE=1 $(BIN)/reed train configs/demo.yaml --out $(RUN)
-	HF_HUB_OFFLINE=1 $(BIN)/reed sample $(RUN) --num 100 --out $(RUN)/samples.npz
-	@echo "demo done: see $(RUN)/samples.png, $(RUN)/loss.png and $(RUN)/samples/"
+	HF_HUB_OFFLINE=1 $(BIN)/reed sample $(RUN) --num 1000 --out $(RUN)/samples.npz
+	HF_HUB_OFFLINE=1 $(BIN)/reed evaluate $(RUN)/samples.npz --run $(RUN) --out $(RUN)/eval.json
+	@echo "demo done: see $(RUN)/samples.png, $(RUN)/loss.png, $(RUN)/eval.json and $(RUN)/samples/"
 
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
@@ -32,6 +33,9 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/target_store.py
+	$(BIN)/python benchmarks/throughput.py --cpu-subset
+	$(BIN)/python benchmarks/convergence.py
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -6,7 +6,7 @@ classifier's feature space, and class accuracy of class-conditional samples; :mo
 reports quality vs step, the steps each method needs to reach SiT's final quality, and the resulting speed-ups.
 A curriculum study (REED with other diffusion warm-up lengths and a decaying alignment weight) runs alongside.
 
-    python benchmarks/convergence.py            # full: 2000 steps, seeds 0 1, + curriculum study (~45 min, 2 cores)
+    python benchmarks/convergence.py            # full: 1500 steps, seeds 0 1, + curriculum study (~40 min, 2 cores)
     python benchmarks/convergence.py --quick    # 600 steps, seeds 0 1, no study (~10 min)
     python benchmarks/convergence.py --config configs/my.yaml --steps 20000 --device cuda   # scales up unchanged
 
@@ -107,7 +107,24 @@ def summarise(results: dict) -> dict:
             "speedup_vs_sit": (final_sit["step"] / reach) if reach else None,
             "speedup_vs_sit_per_seed": [(final_sit["step"] / r) if r else None for r in per_seed],
         }
+    # the paper's view: steps each method needs to match SiT's quality at SiT's own evaluation steps
+    # (from the point where SiT's curve starts falling monotonically)
+    sit_curve = means["sit"]
+    start = max((i for i in range(1, len(sit_curve)) if sit_curve[i]["fd"] > sit_curve[i - 1]["fd"]), default=0)
+    summary["speedup_at_sit_quality"] = {
+        str(p["step"]): {m: (round(p["step"] / r, 3) if (r := steps_to_reach(c, p["fd"])) else None)
+                         for m, c in means.items() if m != "sit"}
+        for p in sit_curve[start + 1 :]
+    }
     return summary
+
+
+def replot(results_path: Path) -> None:
+    """Recompute the summary and the plot of an existing results file."""
+    results = json.loads(results_path.read_text())
+    results["summary"] = summarise(results)
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, results_path.with_suffix(".png"))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -143,14 +160,15 @@ def plot(results: dict, path: Path) -> None:
     titles = ("in-domain FD vs training step (lower is better)", "class accuracy of samples",
               "curriculum study (REED, seed 0)")
     for ax, title in zip(axes, titles):
-        ax.set_xscale("log")
+        ax.set_xscale("log" if results.get("spacing") == "log" else "linear")
         ax.set_xlabel("training step")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].set_ylabel("Fréchet distance (classifier features)")
-    fig.suptitle(f"{results['config']} — {results['model']}, batch {results['batch_size']}, {results['device']}",
+    fig.suptitle(f"{Path(results['config']).name} — {results['model']}, batch {results['batch_size']}, "
+                 f"{results['device']}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -162,7 +180,9 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--quick", action="store_true", help="600 steps, no curriculum study")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--evals", type=int, default=8, help="evaluations per run, log-spaced")
+    ap.add_argument("--evals", type=int, default=10, help="evaluations per run")
+    ap.add_argument("--spacing", choices=["linear", "log"], default="linear",
+                    help="evaluation steps evenly spaced (default) or log-spaced (for long runs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--sample-steps", type=int, default=25)
@@ -179,10 +199,12 @@ def main() -> None:
     from reed.metrics.indomain import evaluator_for
     from reed.train import train
 
-    steps = args.steps or (600 if args.quick else 2000)
+    steps = args.steps or (600 if args.quick else 1500)
     study = not (args.quick or args.no_study)
-    # log-spaced evaluation steps; checkpoints land exactly there
-    evals = sorted({int(round(x)) for x in np.geomspace(steps / 2 ** (args.evals - 1), steps, args.evals)})
+    # evaluation steps; checkpoints land exactly there
+    grid = (np.linspace(steps / args.evals, steps, args.evals) if args.spacing == "linear"
+            else np.geomspace(steps / 2 ** (args.evals - 1), steps, args.evals))
+    evals = sorted({int(round(x)) for x in grid})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -193,6 +215,7 @@ def main() -> None:
     if results.get("steps") != steps or results.get("evals") != evals or results.get("config") != args.config:
         results = {"runs": {}}
     results.update({"config": args.config, "overrides": args.overrides, "steps": steps, "evals": evals,
+                    "spacing": args.spacing,
                     "seeds": args.seeds, "num_samples": args.num_samples, "sample_steps": args.sample_steps,
                     "model": base.model.preset, "batch_size": base.train.batch_size, "device": args.device,
                     "platform": platform.platform(), "cpu_count": os.cpu_count(),

@@ -190,8 +190,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         cfg = replace(saved, train=cfg.train, sample=cfg.sample)
     ds = load_dataset(cfg.data)
     cfg = resolve_model_config(cfg, ds)
-    terms_cfg = [t for t, a in zip(cfg.targets, align_terms(cfg))
-                 if a.name in {x.name for x in active_terms(align_terms(cfg), cfg.objective.method)}]
+    active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
+    terms_cfg = [t for t in cfg.targets if t.name in active]  # sit needs no targets, repa only image ones
     with accelerator.main_process_first():
         targets = prepare_targets(terms_cfg, ds, tc.cache_dir, progress=tc.progress and accelerator.is_main_process,
                                   device=device)
