@@ -105,9 +105,11 @@ def cmd_sample(args) -> int:
 
 def _process() -> tuple[int, int, object]:
     """(process index, number of processes, state) under `accelerate launch` (0, 1 when run plainly)."""
+    import torch
     from accelerate import PartialState
 
-    st = PartialState()
+    # without CUDA, cpu=True lets torchrun / MPI launches run as several CPU processes (gloo)
+    st = PartialState(cpu=not torch.cuda.is_available())
     return st.process_index, st.num_processes, st
 
 
@@ -342,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("sample", help="generate samples from a run or checkpoint into an ADM-layout .npz")
     sp.add_argument("run", help="run directory or checkpoint directory")
-    sp.add_argument("--num", type=int, default=100)
+    sp.add_argument("--num", "--num-samples", dest="num", type=int, default=100,
+                    help="number of samples (--num-samples under torchrun, whose own --numa options clash)")
     sp.add_argument("--out", default=None, help="output .npz (default <run>/samples.npz)")
     sp.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None)
     sp.add_argument("--steps", type=int, default=None)

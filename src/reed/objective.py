@@ -117,6 +117,9 @@ class Objective:
         ``align/<name>`` (unweighted mean negative cosine per term).
         """
         w_gen, w_align = self.weights(step)
+        # the forward goes through ``module`` (a DDP wrapper under multi-process training keeps gradient sync);
+        # the projectors are reached on the wrapped module
+        projectors = module.projectors if hasattr(module, "projectors") else module.module.projectors
         c = self.process.corrupt(x0, generator=generator)
         pred, hidden = module(c.x_t, c.t, cond, taps=self.taps)
         loss_gen = self.process.loss(pred, c.target).mean()
@@ -129,7 +132,7 @@ class Objective:
             z = targets[term.name]
             if term.kind == "pooled":
                 h = masked_mean(h, token_mask)
-            zhat = module.projectors[term.name](h)
+            zhat = projectors[term.name](h)
             if term.kind == "tokens" and z.shape[1] != zhat.shape[1]:
                 z = resample_tokens(z, zhat.shape[1])
             per_sample = negative_cosine(zhat, z, token_mask if term.kind == "tokens" else None)  # (B,)

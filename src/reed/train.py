@@ -176,7 +176,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     tc = cfg.train
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.log_with or None,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
 
