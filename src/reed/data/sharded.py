@@ -18,6 +18,14 @@ def _np_idx(indices) -> np.ndarray:
 
 
 class _Pixels:
+    """Shared picture access; subclasses set ``self.images`` (an :class:`ImageShards`)."""
+
+    images: ImageShards
+
+    def raw_images(self, indices) -> torch.Tensor:
+        """uint8 images (B,3,R,R)."""
+        return torch.from_numpy(self.images.images(_np_idx(indices))).permute(0, 3, 1, 2).contiguous()
+
     def pixels(self, indices) -> torch.Tensor:
         """Images (B,3,R,R) float in [-1,1]."""
         return self.raw_images(indices).float() / 127.5 - 1.0
@@ -29,23 +37,19 @@ class PixelShardDataset(_Pixels):
     captions = None
 
     def __init__(self, directory: str):
-        self.shards = ImageShards(directory)
+        self.images = ImageShards(directory)
         self.name = f"images:{directory}"
-        self.fingerprint = self.shards.fingerprint
-        self.num_classes = self.shards.num_classes
-        r = self.shards.resolution
+        self.fingerprint = self.images.fingerprint
+        self.num_classes = self.images.num_classes
+        r = self.images.resolution
         self.shape = (3, r, r)
-        self.labels = torch.from_numpy(np.asarray(self.shards.labels, dtype=np.int64))
+        self.labels = torch.from_numpy(np.asarray(self.images.labels, dtype=np.int64))
 
     def __len__(self) -> int:
-        return len(self.shards)
-
-    def raw_images(self, indices) -> torch.Tensor:
-        return torch.from_numpy(self.shards.images(_np_idx(indices))).permute(0, 3, 1, 2).contiguous()
+        return len(self.images)
 
     def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.raw_images(indices).to(device).float() / 127.5 - 1.0
-        return x, self.labels[_np_idx(indices)].to(device)
+        return self.pixels(indices).to(device), self.labels[_np_idx(indices)].to(device)
 
 
 class LatentDataset(_Pixels):
@@ -65,9 +69,6 @@ class LatentDataset(_Pixels):
 
     def __len__(self) -> int:
         return len(self.latents)
-
-    def raw_images(self, indices) -> torch.Tensor:
-        return torch.from_numpy(self.images.images(_np_idx(indices))).permute(0, 3, 1, 2).contiguous()
 
     def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         moments = torch.from_numpy(self.latents.moments(_np_idx(indices))).to(device)

@@ -38,15 +38,13 @@ def _atomic_save(tensor: torch.Tensor, path: Path, meta: dict[str, str]) -> None
 
 
 @torch.no_grad()
-def _fitted_encoder_targets(tg: TargetConfig, ds: ImageDataset, batch: int = 512) -> tuple[torch.Tensor, str]:
-    from reed.targets.fitted_encoder import encoder_fingerprint, load_encoder
-
-    enc = load_encoder(tg.path)
+def _fitted_encoder_targets(enc, tg: TargetConfig, ds: ImageDataset, batch: int = 512) -> torch.Tensor:
+    """Tokens (N,T,D) or pooled (N,D) of the loaded fitted encoder ``enc`` over the whole data set."""
     outs = []
     for i in range(0, len(ds), batch):
         x = ds.pixels(torch.arange(i, min(i + batch, len(ds))))
         outs.append(enc.tokens(x) if tg.kind == "tokens" else enc.pooled(x))
-    return torch.cat(outs).float(), encoder_fingerprint(enc)
+    return torch.cat(outs).float()
 
 
 def dataset_captions(ds: ImageDataset, captions_dir: str | None = None) -> list[str]:
@@ -69,7 +67,7 @@ def dataset_captions(ds: ImageDataset, captions_dir: str | None = None) -> list[
     raise DataError(f"data set '{ds.name}' has no captions: add a 'captions' array to the .npz file")
 
 
-def _caption_targets(tg: TargetConfig, ds: ImageDataset, cache_dir: Path, progress: bool) -> tuple[torch.Tensor, str]:
+def _caption_targets(tg: TargetConfig, ds: ImageDataset, cache_dir: Path, progress: bool) -> torch.Tensor:
     from reed.targets.text import SentenceEncoder, resolve_text_encoder
 
     if tg.kind != "pooled":
@@ -80,7 +78,7 @@ def _caption_targets(tg: TargetConfig, ds: ImageDataset, cache_dir: Path, progre
     out = cache_dir / "captions" / f"{ds.name}-{ds.fingerprint}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(captions) + "\n")
-    return z.float(), enc.fingerprint
+    return z.float()
 
 
 def load_array(path: str | Path) -> torch.Tensor:
@@ -234,7 +232,8 @@ def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: st
             from reed.targets.fitted_encoder import encoder_fingerprint, load_encoder
 
             try:
-                key = encoder_fingerprint(load_encoder(tg.path))
+                enc = load_encoder(tg.path)  # loaded once: its fingerprint keys the cache, it computes on a miss
+                key = encoder_fingerprint(enc)
             except (FileNotFoundError, ValueError) as e:
                 raise DataError(f"target '{tg.name}': cannot load the fitted encoder at {tg.path}: {e}. "
                                 "Fit it first with `reed fit-encoder <config>`.") from None
@@ -245,9 +244,9 @@ def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: st
             z = load_array(path)
         else:
             if tg.source == "fitted_encoder":
-                z, _ = _fitted_encoder_targets(tg, ds)
+                z = _fitted_encoder_targets(enc, tg, ds)
             else:
-                z, _ = _caption_targets(tg, ds, cache, progress)
+                z = _caption_targets(tg, ds, cache, progress)
             _atomic_save(z, path, {"target": tg.name, "source": tg.source, "key": key, "data": ds.fingerprint})
         out[tg.name] = TensorTargets(validate_target(tg, z, len(ds), str(path)))
     return out
