@@ -33,7 +33,7 @@ import json, resource, sys, time, torch
 spec = json.loads(sys.argv[1])
 torch.set_flush_denormal(True)
 from reed.config import load_config
-from reed.train import build_objective, build_denoiser, resolve_model_config
+from reed.tasks.image import build_objective, build_sit_denoiser as build_denoiser, resolve_model_config
 from reed.objective import ReedModule
 from reed.data.images import load_dataset
 from reed.targets.prepare import prepare_targets

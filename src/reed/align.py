@@ -12,20 +12,27 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 
 class Projector(nn.Module):
     """MLP ``Linear(D,h) -> SiLU -> Linear(h,h) -> SiLU -> Linear(h,z_dim)`` applied on the last dim.
 
-    Input (..., D), output (..., z_dim). The reference uses h = 2048.
+    Input (..., D), output (..., z_dim). The image reference uses h = 2048 and 3 layers; the protein reference
+    uses 2 layers (``Linear(D,h) -> SiLU -> Linear(h,z_dim)``, h = 2 z_dim).
     """
 
-    def __init__(self, in_dim: int, z_dim: int, hidden: int = 2048):
+    def __init__(self, in_dim: int, z_dim: int, hidden: int = 2048, layers: int = 3):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, z_dim)
-        )
+        if layers < 1:
+            raise ValueError(f"projector needs >= 1 layer, got {layers}")
+        dims = [in_dim] + [hidden] * (layers - 1) + [z_dim]
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < layers - 1:
+                mods.append(nn.SiLU())
+        self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -85,3 +92,37 @@ def resample_tokens(z: torch.Tensor, num_tokens: int) -> torch.Tensor:
     else:
         out = F.interpolate(grid, size=(dst, dst), mode="bilinear", align_corners=False)
     return out.reshape(b, d, dst * dst).transpose(1, 2).to(z.dtype)
+
+
+def masked_standardize(z: Tensor, mask: Tensor | None, eps: float = 1e-6) -> Tensor:
+    """Per-channel standardisation ``(z - mu) / (sigma + eps)`` with mu, sigma pooled over every valid position of
+    the batch (``mask`` (B, L) for z (B, L, D), (B, L, K) for z (B, L, K, D); any z (..., D) with mask (...)).
+
+    Padded positions contribute neither to mu nor to sigma (reference bug §9.4 added mu**2 per padded position to
+    the variance), even if they hold inf/NaN, and are zero in the output. sigma is the population std (divide by
+    the number of valid positions). Half-precision inputs are standardised and returned in float32.
+    ``mask=None`` uses every position."""
+    if mask is None:
+        mask = torch.ones(z.shape[:-1], device=z.device)
+    if mask.shape != z.shape[:-1]:
+        raise ValueError(f"masked_standardize: mask shape {list(mask.shape)} must equal z shape without the channel "
+                         f"dim {list(z.shape[:-1])}")
+    x = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    valid = (mask > 0).unsqueeze(-1)
+    x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    m = valid.to(x.dtype)
+    dims = tuple(range(x.ndim - 1))
+    n = m.sum(dims).clamp_min(1.0)
+    mu = x.sum(dims) / n
+    var = (((x - mu) * m) ** 2).sum(dims) / n
+    return (x - mu) / (var.sqrt() + eps) * m
+
+
+def gather_edges(z: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    """Pair targets on a kNN graph: z (B,L,L,D) dense pairs, edge_index (B,L,K) -> (B,L,K,D) with
+    ``out[b,i,k] = z[b,i,edge_index[b,i,k]]``."""
+    if z.dim() != 4 or z.shape[1] != z.shape[2] or z.shape[:2] != edge_index.shape[:2]:
+        raise ValueError(f"pair targets must be (B,L,L,D) matching the graph (B,L,K)={tuple(edge_index.shape)}, "
+                         f"got shape {tuple(z.shape)}")
+    idx = edge_index.long().unsqueeze(-1).expand(-1, -1, -1, z.shape[-1])
+    return torch.gather(z, 2, idx)

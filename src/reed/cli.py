@@ -89,11 +89,41 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _run_domain(run: str) -> str:
+    """``domain`` of the config saved with a run or checkpoint ("image" when unreadable: the image path reports)."""
+    from reed.checkpoint import read_config_text, resolve_checkpoint
+    from reed.config import config_from_yaml_text
+
+    try:
+        ck = resolve_checkpoint(run)
+        return config_from_yaml_text(read_config_text(ck), str(ck)).domain
+    except ReedError:
+        return "image"
+
+
+def cmd_embed_protein(args) -> int:
+    from reed.cli_protein import embed_protein
+
+    return embed_protein(args)
+
+
 def cmd_sample(args) -> int:
     from reed.generate import generate
 
+    if _run_domain(args.run) == "protein":
+        import torch
+
+        from reed.cli_protein import sample_protein
+        from reed.generate import load_denoiser
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
+        args.num = args.num or 1
+        return sample_protein(args, model, cfg, device)
+    if args.structures:
+        raise ConfigError(f"--structures is for protein runs; {args.run} is an image run")
     rank, world, st = _process()
-    info = generate(args.run, num=args.num, out=args.out, sampler=args.sampler, steps=args.steps,
+    info = generate(args.run, num=args.num or 100, out=args.out, sampler=args.sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
                     batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae,
                     device=str(st.device) if world > 1 else None, process_index=rank, num_processes=world,
@@ -215,6 +245,15 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     samples = Path(args.samples)
+    if samples.suffix.lower() in (".fasta", ".fa") or (samples.is_dir() and _run_domain(str(samples)) == "protein"):
+        from reed.cli_protein import evaluate_protein_fasta, evaluate_protein_run
+
+        result = evaluate_protein_run(args, samples) if samples.is_dir() else evaluate_protein_fasta(args)
+        text = json.dumps(result, indent=2, default=str)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
     if not samples.is_file():
         raise ConfigError(f"samples file not found: {samples}")
     settings_file = samples.with_suffix(".json")
@@ -342,10 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     sp.set_defaults(func=cmd_embed_text)
 
-    sp = sub.add_parser("sample", help="generate samples from a run or checkpoint into an ADM-layout .npz")
+    sp = with_config("embed-protein", "protein targets for every chain of a protein config's data: ESM-2 or AF3")
+    sp.add_argument("--source", choices=["esm2", "af3"], default="esm2")
+    sp.add_argument("--out", required=True, help="protein target store directory")
+    sp.add_argument("--model", default="facebook/esm2_t33_650M_UR50D", help="ESM-2 hub id or local dir")
+    sp.add_argument("--layer", type=int, default=-1, help="ESM-2 hidden layer for 'single' (-1 = last)")
+    sp.add_argument("--pair", choices=["attention", "none"], default="attention",
+                    help="ESM-2 pair target: symmetrised attention maps of all layers and heads, or none")
+    sp.add_argument("--af3-dir", default=None, help="AlphaFold3 output dir (cluster_<id>/seed-0_embeddings/...)")
+    sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: from list.csv)")
+    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    sp.set_defaults(func=cmd_embed_protein)
+
+    sp = sub.add_parser("sample", help="generate samples from a run: images into an ADM-layout .npz, or designed "
+                        "protein sequences (FASTA) for --structures")
     sp.add_argument("run", help="run directory or checkpoint directory")
-    sp.add_argument("--num", "--num-samples", dest="num", type=int, default=100,
-                    help="number of samples (--num-samples under torchrun, whose own --numa options clash)")
+    sp.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
+                    help="number of samples (default 100; protein runs: designs per chain, default 1); "
+                    "--num-samples under torchrun, whose own --numa options clash")
     sp.add_argument("--out", default=None, help="output .npz (default <run>/samples.npz)")
     sp.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None)
     sp.add_argument("--steps", type=int, default=None)
@@ -357,10 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
     sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's)")
+    sp.add_argument("--structures", nargs="+", default=None,
+                    help="protein runs: PDB/mmCIF files or directories to design sequences for (--num per chain)")
+    sp.add_argument("--chains", nargs="+", default=None, help="protein runs: only these chain ids")
+    sp.add_argument("--temperature", type=float, default=None, help="protein runs: sampling temperature")
+    sp.add_argument("--order", choices=["random", "confidence"], default=None,
+                    help="protein runs: unmasking order (random = exact reverse process; confidence = purity)")
     sp.set_defaults(func=cmd_sample)
 
-    sp = sub.add_parser("evaluate", help="image metrics of a samples .npz: FID/sFID/IS/PR/FD_DINOv2 and in-domain")
-    sp.add_argument("samples", help="samples .npz written by `reed sample` (arr_0 uint8 N x H x W x C)")
+    sp = sub.add_parser("evaluate", help="image metrics of a samples .npz (FID/sFID/IS/PR/FD_DINOv2, in-domain); "
+                        "protein: recovery of a designs FASTA, or of a run on a data split")
+    sp.add_argument("samples", help="samples .npz written by `reed sample` (arr_0 uint8 N x H x W x C), a designs "
+                    ".fasta, or a protein run directory (designs its --split)")
+    sp.add_argument("--split", choices=["train", "valid", "test"], default=None, help="protein run: split to design")
+    sp.add_argument("--refold", default=None, help="protein: ESMFold model dir/hub id to refold designs (RMSD/TM)")
+    sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--ref", default=None, help="reference: ADM batch .npz, images (.npz/.npy/folder)")
     sp.add_argument("--inception", default=None, help="FID Inception weights file (pt_inception-2015-12-05-*.pth)")
     sp.add_argument("--dinov2", default=None, help="DINOv2 directory for FD_DINOv2")

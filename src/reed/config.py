@@ -82,21 +82,29 @@ class TargetConfig:
       * ``vlm`` — (image, caption) through the VLM ``encoder`` (a transformers image-text-to-text model), mean of
         hidden layer ``layer`` over real tokens; captions from ``captions`` (a ``reed caption`` directory).
         Only through ``reed embed`` into a store.
+      * ``protein_store`` — proteins: array ``array`` (default: ``name``; e.g. ``single``/``pair``/``structure``)
+        of a protein target store at ``path`` (written by ``reed embed-protein``), looked up by example name with
+        a sequence-equality check.
     captions: a ``reed caption`` output directory (for ``caption_text``/``vlm`` on data without built-in captions).
     store: where ``reed embed`` writes this target (a target store directory); when set, training reads the
       target from that store instead of computing it, so one config serves both steps.
-    kind: ``tokens`` aligns every token (B,T,D); ``pooled`` aligns the token mean (B,D).
-    depth: tap depth in the denoiser (1 = output of the first block).
+    kind: ``tokens`` aligns every token (B,T,D); ``pooled`` aligns the token mean (B,D); ``edges`` aligns pair
+      features on the model's kNN graph with dense pair targets (B,L,L,D) gathered on it (proteins).
+    depth: tap depth in the denoiser (1 = output of the first block), or a named tap (proteins: ``encoder``,
+      ``decoder.<d>.nodes``, ``decoder.<d>.edges``).
+    standardize: per-channel standardisation of the targets with batch statistics over valid positions.
+    projector_layers: MLP depth of the projector (3 for images as in REPA, 2 for the protein heads).
     modality: ``image`` targets are the only ones the ``repa`` preset uses.
     """
 
     name: str = "target"
-    source: Literal["fitted_encoder", "caption_text", "file", "store", "encoder", "vlm"] = "fitted_encoder"
+    source: Literal["fitted_encoder", "caption_text", "file", "store", "encoder", "vlm",
+                    "protein_store"] = "fitted_encoder"
     path: str | None = None
     encoder: str = "minilm"
-    kind: Literal["tokens", "pooled"] = "tokens"
-    modality: Literal["image", "text", "other"] = "image"
-    depth: int = 2
+    kind: Literal["tokens", "pooled", "edges"] = "tokens"
+    modality: Literal["image", "text", "structure", "sequence", "other"] = "image"
+    depth: int | str = 2
     coeff: float = 1.0
     time_weight: Literal["constant", "linear", "cosine", "sigmoid", "loglinear", "cutoff"] = "constant"
     cutoffs: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -105,18 +113,22 @@ class TargetConfig:
     captions: str | None = None
     layer: int = 15
     store: str | None = None
+    array: str | None = None
+    standardize: bool = False
+    projector_layers: int = 3
 
 
 @dataclass
 class CurriculumConfig:
-    """Weights as pure functions of the step (see :mod:`reed.curriculum`). ``total``/``align_steps`` of 0
-    mean ``train.steps``."""
+    """Weights as pure functions of the step (see :mod:`reed.curriculum`). ``align_steps`` of 0 means the whole
+    run. With ``unit: epoch`` every count here is in epochs and the weights change once per epoch."""
 
     gen_start: int = 0
     gen_warmup: int = 0
     gen_decay: Literal["constant", "linear", "cosine"] = "constant"
     align_decay: Literal["constant", "linear", "cosine"] = "constant"
     align_steps: int = 0
+    unit: Literal["step", "epoch"] = "step"
 
 
 @dataclass
@@ -124,7 +136,7 @@ class ObjectiveConfig:
     """``method``: ``sit`` (no alignment), ``repa`` (image targets averaged, constant weights) or ``reed``
     (targets summed with coefficients, time weights and the curriculum). ``proj_coeff`` scales the alignment sum."""
 
-    method: Literal["sit", "repa", "reed"] = "reed"
+    method: Literal["sit", "baseline", "repa", "reed"] = "reed"
     proj_coeff: float = 0.5
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
@@ -143,9 +155,14 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, precision, logging and checkpoint cadence."""
+    """Optimisation, precision, logging and checkpoint cadence.
+
+    ``epochs`` > 0 sets ``steps`` to epochs x steps per epoch (token-budget batches, e.g. proteins); then
+    ``batch_size`` is unused and the batch is ``protein.data.token_budget`` residues.
+    """
 
     steps: int = 1000
+    epochs: int = 0
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 1e-4
@@ -178,10 +195,74 @@ class FitConfig:
 
 
 @dataclass
+class ProteinDataConfig:
+    """Protein structures. ``format``: ``directory`` (PDB/mmCIF files, split by example with ``split``) or
+    ``pdb_2021aug02`` (ProteinMPNN's training set layout with its cluster splits)."""
+
+    format: Literal["directory", "pdb_2021aug02"] = "directory"
+    path: str | None = None
+    mode: Literal["chain", "complex"] = "chain"
+    max_length: int = 256
+    max_resolution: float = 3.5
+    member: Literal["first", "random"] = "first"
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    token_budget: int = 20000
+
+
+@dataclass
+class MPNNConfig:
+    """ProteinMPNN-style denoiser (spec protein.md section 1); explicit fields override the preset."""
+
+    preset: Literal["mpnn", "mpnn-small"] = "mpnn"
+    hidden: int | None = None
+    encoder_layers: int | None = None
+    decoder_layers: int | None = None
+    k_neighbors: int | None = None
+    dropout: float = 0.1
+    backbone_noise: float = 0.1
+    learnable_node: bool = False
+    update_edge: bool = False
+
+
+@dataclass
+class MaskedProcessConfig:
+    """Masking diffusion (see :mod:`reed.processes.masked`)."""
+
+    parameterization: Literal["reference", "mdlm"] = "reference"
+    label_smoothing: float = 0.1
+    min_t: float = 0.01
+    loss_norm: float = 2000.0
+
+
+@dataclass
+class MaskedSampleConfig:
+    """Sequence design (see :mod:`reed.sampling.masked`)."""
+
+    steps: int = 500
+    temperature: float = 0.1
+    order: Literal["random", "confidence"] = "random"
+
+
+@dataclass
+class ProteinConfig:
+    """Everything specific to protein inverse folding (``domain: protein``). ``eval_every`` (epochs) runs
+    sequence design on the validation split and logs recovery; 0 = only at the end."""
+
+    data: ProteinDataConfig = field(default_factory=ProteinDataConfig)
+    model: MPNNConfig = field(default_factory=MPNNConfig)
+    process: MaskedProcessConfig = field(default_factory=MaskedProcessConfig)
+    sample: MaskedSampleConfig = field(default_factory=MaskedSampleConfig)
+    eval_every: int = 10
+    eval_max_proteins: int = 200
+
+
+@dataclass
 class Config:
-    """A whole experiment."""
+    """A whole experiment. ``domain`` picks the data/model/process: ``image`` uses ``data``/``model``/``process``,
+    ``protein`` the ``protein`` section."""
 
     seed: int = 0
+    domain: Literal["image", "protein"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
@@ -190,6 +271,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    protein: ProteinConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,10 +416,22 @@ def validate(cfg: Config) -> Config:
         if len(tg.cutoffs) != 2 or tg.cutoffs[0] > tg.cutoffs[1]:
             raise ConfigError(f"config key 'targets.{i}.cutoffs' must be [low, high] with low <= high, "
                               f"got {tg.cutoffs}")
-        if tg.depth < 1:
+        if isinstance(tg.depth, int) and tg.depth < 1:
             raise ConfigError(f"config key 'targets.{i}.depth' must be >= 1, got {tg.depth}")
-        if tg.source in ("fitted_encoder", "file", "store") and not tg.path:
+        if tg.source in ("fitted_encoder", "file", "store", "protein_store") and not tg.path:
             raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")
+    if cfg.domain == "protein":
+        if cfg.protein is None:
+            cfg = dataclasses.replace(cfg, protein=ProteinConfig())
+        pd = cfg.protein.data
+        if pd.token_budget < 1 or pd.max_length < 1:
+            raise ConfigError("config keys 'protein.data.token_budget' and 'protein.data.max_length' must be >= 1")
+        for i, tg in enumerate(cfg.targets):
+            if tg.source != "protein_store":
+                raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; protein runs take targets "
+                                  "from 'protein_store' (written by reed embed-protein)")
+    if t.epochs < 0:
+        raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
     s = cfg.sample
     if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
         raise ConfigError(f"sample.guidance_low/high must satisfy 0 <= low <= high <= 1, got {s.guidance_low}, "

@@ -22,7 +22,7 @@ from reed.sampling.samplers import sample as run_sampler
 
 def load_denoiser(run_or_ckpt: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(denoiser in eval mode, config, checkpoint dir) from a run directory or a checkpoint directory."""
-    from reed.train import build_denoiser
+    from reed.tasks import build_denoiser
 
     ckpt = resolve_checkpoint(run_or_ckpt)
     cfg = config_from_yaml_text(read_config_text(ckpt), str(ckpt))

@@ -110,7 +110,7 @@ def import_official(path: str | Path, out: str | Path, *, which: str = "ema", ke
     The imported model is checked by loading it into reed's SiT (strict: every tensor must match).
     """
     from reed.checkpoint import load_into
-    from reed.train import build_denoiser
+    from reed.tasks import build_denoiser
 
     state, args = read_official(path, which)
     model_cfg = infer_model(state, num_heads, args.get("model") if isinstance(args.get("model"), str) else None)

@@ -1,12 +1,16 @@
 """The trainer: HF Accelerate loop with AdamW, clipping, accumulation, mixed precision, EMA, checkpoints, logs.
 
+The loop is domain-agnostic: a task (:mod:`reed.tasks`, chosen by ``cfg.domain``) supplies the data, the
+denoiser, the objective, the micro-batches and the in-training evaluation.
+
 Run directory::
 
     <out>/config.yaml      resolved config
     <out>/metrics.jsonl    one JSON object per logged step (step, loss, loss_gen, loss_align, w_gen, w_align,
                            grad_norm, lr, align/<name>, ...)
     <out>/checkpoints/     step_XXXXXXX/ (see reed.checkpoint) and ``latest``
-    <out>/samples/         preview grids from the EMA model
+    <out>/samples/         preview grids from the EMA model (images)
+    <out>/eval.jsonl       in-training evaluation of the EMA model (proteins: validation recovery, perplexity)
     <out>/loss.png         loss breakdown and curriculum weights
 
 Randomness is a pure function of (seed, step, process): the batch order (``batch_indices``) and a per-step
@@ -39,68 +43,18 @@ from reed.checkpoint import (
     save_checkpoint,
 )
 from reed.config import Config, config_from_yaml_text, dump_config, to_dict
-from reed.data.images import batch_indices, load_dataset, to_uint8
 from reed.ema import EMA
 from reed.errors import ConfigError, NonFiniteLossError
-from reed.models.sit import SiT, build_sit, drop_labels
-from reed.objective import AlignTerm, Curriculum, Objective, ReedModule, active_terms
-from reed.plots import plot_loss_curve, save_image_grid
-from reed.processes.flow import FlowProcess
-from reed.sampling.samplers import sample as run_sampler
-from reed.targets.prepare import prepare_targets
+from reed.objective import ReedModule
+from reed.plots import plot_loss_curve
+from reed.tasks import build_denoiser, get_task
+from reed.tasks.image import align_terms, build_objective, preview_samples, resolve_model_config
+
+__all__ = ["train", "TrainResult", "build_denoiser", "build_objective", "resolve_model_config", "align_terms",
+           "preview_samples", "config_differences"]
 
 # config sections that must match the checkpoint when resuming (train.* may change, e.g. more steps)
-RESUME_MUST_MATCH = ("seed", "data", "model", "process", "targets", "objective")
-
-
-def resolve_model_config(cfg: Config, ds) -> Config:
-    """Fill model.input_size / in_channels / num_classes from the data set; error if they contradict it."""
-    c, h, w = ds.shape
-    if h != w:
-        raise ConfigError(f"images must be square for SiT, got {h}x{w}")
-    m = cfg.model
-    for key, have in (("input_size", h), ("in_channels", c)):
-        val = getattr(m, key)
-        if val is not None and val != have:
-            raise ConfigError(f"config key 'model.{key}' is {val} but the data set '{ds.name}' has {have}")
-    if m.num_classes is not None and m.num_classes < ds.num_classes:
-        raise ConfigError(f"config key 'model.num_classes' is {m.num_classes} but the data have {ds.num_classes} "
-                          "classes")
-    m = replace(m, input_size=h, in_channels=c, num_classes=m.num_classes or ds.num_classes)
-    return replace(cfg, model=m)
-
-
-def build_denoiser(cfg: Config) -> SiT:
-    """The SiT described by ``cfg.model`` (input_size/in_channels/num_classes must be resolved)."""
-    m = cfg.model
-    over = {k: v for k, v in to_dict(m).items() if k != "preset" and v is not None}
-    try:
-        return build_sit(m.preset, **over)
-    except ValueError as e:
-        raise ConfigError(f"model config: {e}") from None
-
-
-def align_terms(cfg: Config) -> list[AlignTerm]:
-    """Alignment terms of the config (target ``dim`` must be resolved)."""
-    return [AlignTerm(name=t.name, dim=int(t.dim or 0), depth=t.depth, kind=t.kind, coeff=t.coeff,
-                      time_weight=t.time_weight, cutoffs=tuple(t.cutoffs), modality=t.modality,
-                      projector_dim=t.projector_dim) for t in cfg.targets]
-
-
-def build_objective(cfg: Config) -> Objective:
-    p = cfg.process
-    process = FlowProcess(p.path, p.time_sampling, p.lognormal_mean, p.lognormal_std)
-    c = cfg.objective.curriculum
-    cur = Curriculum(gen_start=c.gen_start, gen_warmup=c.gen_warmup, gen_decay=c.gen_decay,
-                     align_decay=c.align_decay, align_steps=c.align_steps, total=cfg.train.steps)
-    return Objective(process, align_terms(cfg), method=cfg.objective.method, proj_coeff=cfg.objective.proj_coeff,
-                     curriculum=cur)
-
-
-def _check_depths(cfg: Config, depth: int) -> None:
-    for i, t in enumerate(cfg.targets):
-        if t.depth > depth:
-            raise ConfigError(f"config key 'targets.{i}.depth' is {t.depth} but the model has only {depth} blocks")
+RESUME_MUST_MATCH = ("seed", "domain", "data", "model", "process", "targets", "objective", "protein")
 
 
 def _flatten(obj, prefix: str = "") -> dict[str, object]:
@@ -125,25 +79,6 @@ def config_differences(now: Config, saved: Config, sections=RESUME_MUST_MATCH) -
             if a.get(k) != b.get(k) and not (a.get(k) is None and k in b)]
 
 
-@torch.no_grad()
-def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, seed: int) -> torch.Tensor:
-    """Class-balanced samples (num,C,H,W) in [-1,1] from ``denoiser`` in eval mode with fixed noise and labels."""
-    was_training = denoiser.training
-    denoiser.eval()
-    g = torch.Generator().manual_seed(seed)
-    c, s = cfg.model.in_channels, cfg.model.input_size
-    noise = torch.randn(num, c, s, s, generator=g).to(device)
-    y = (torch.arange(num) % cfg.model.num_classes).to(device)
-    sc = cfg.sample
-    out = run_sampler(lambda x, t, yy: denoiser(x, t, yy)[0], noise, y, sampler=sc.sampler, steps=sc.steps,
-                      null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
-                      guidance=(sc.guidance_low, sc.guidance_high),
-                      process=FlowProcess(cfg.process.path),
-                      generator=torch.Generator(device=device).manual_seed(seed + 1))
-    denoiser.train(was_training)
-    return out.float().clamp(-1, 1)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -166,7 +101,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     # Accelerate keeps a process-wide singleton; drop its mixed-precision settings (not the distributed state)
     # so several runs with different precision can be trained from one Python process (notebooks, tests).
@@ -175,8 +110,11 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     run_dir = Path(out_dir)
     tc = cfg.train
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
+    # the protein denoiser computes a decoder layer's edge branch only when something uses it, so some
+    # parameters can go without gradient in a step; DDP must be told
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.domain == "protein" else []
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.log_with or None,
-                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+                              project_dir=str(run_dir), cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
 
@@ -188,20 +126,14 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         if diffs:
             raise ConfigError(f"config does not match the checkpoint {ckpt}: " + "; ".join(diffs[:8]))
         cfg = replace(saved, train=cfg.train, sample=cfg.sample)
-    ds = load_dataset(cfg.data)
-    cfg = resolve_model_config(cfg, ds)
-    active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
-    terms_cfg = [t for t in cfg.targets if t.name in active]  # sit needs no targets, repa only image ones
-    with accelerator.main_process_first():
-        targets = prepare_targets(terms_cfg, ds, tc.cache_dir, progress=tc.progress and accelerator.is_main_process,
-                                  device=device)
-    cfg = replace(cfg, targets=[replace(t, dim=int(targets[t.name].dim)) if t.name in targets else t
-                                for t in cfg.targets])
+    task = get_task(cfg)
+    cfg = task.setup(device=device, main_process_first=accelerator.main_process_first,
+                     progress=tc.progress and accelerator.is_main_process, world=accelerator.num_processes)
+    tc = cfg.train
 
     torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
-    denoiser = build_denoiser(cfg)
-    _check_depths(cfg, denoiser.depth)
-    objective = build_objective(cfg)
+    denoiser = task.build_denoiser()
+    objective = task.build_objective()
     module = ReedModule(denoiser, objective.terms, denoiser.hidden_size).to(device)
     ema = EMA(module.denoiser, tc.ema_decay)
     opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -220,26 +152,22 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         start_step = int(state["step"])
 
     cfg_text = dump_config(cfg)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
     if accelerator.is_main_process:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg_text)
-        if resume and metrics_path.is_file():  # drop records written after the checkpoint we resume from
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln)["step"] < start_step]
-            atomic_write_text(metrics_path, "".join(k + "\n" for k in keep))
-        elif not resume:
-            metrics_path.write_text("")
+        # metrics.jsonl: step k = the loss of optimizer step k; eval.jsonl: step n = after n steps
+        for path, last in ((metrics_path, start_step - 1), (eval_path, start_step)):
+            if resume and path.is_file():  # drop records written after the checkpoint we resume from
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last]
+                atomic_write_text(path, "".join(k + "\n" for k in keep))
+            elif not resume:
+                path.write_text("")
     if tc.log_with:
         accelerator.init_trackers("reed", config={"config": cfg_text})
 
     module, opt = accelerator.prepare(module, opt)
-    n, world, rank = len(ds), accelerator.num_processes, accelerator.process_index
-    if tc.batch_size % (world * tc.grad_accum):
-        raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
-                          f"({world} x {tc.grad_accum})")
-    micro = tc.batch_size // world // tc.grad_accum
-    null_class = denoiser.null_class
+    world, rank = accelerator.num_processes, accelerator.process_index
     last_ckpt = ckpt
     extra_ckpts = set(checkpoint_steps)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
@@ -258,24 +186,22 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         accelerator.wait_for_everyone()
         return path
 
-    def previews(step: int) -> None:
+    def evaluate(step: int) -> None:
         if accelerator.is_main_process:
-            x = preview_samples(ema.model, cfg, tc.num_preview, device, cfg.seed)
-            nrow = cfg.model.num_classes if cfg.model.num_classes <= 16 else None
-            save_image_grid(to_uint8(x), run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
+            res = task.evaluate(ema.model, run_dir, step, device)
+            if res:
+                with eval_path.open("a") as f:
+                    f.write(json.dumps({"step": step, **res}) + "\n")
+                if tc.log_with:
+                    accelerator.log(res, step=step)
 
     for step in range(start_step, end):
-        idx = batch_indices(step, n, tc.batch_size, cfg.seed)[rank::world]
         g = _step_generator(cfg.seed, step, rank, device)
         logs: dict[str, float] = {}
-        for k in range(tc.grad_accum):
-            sl = idx[k * micro : (k + 1) * micro]
-            x0, y = ds.batch(sl, generator=g, device=device)
-            y = drop_labels(y, cfg.process.label_dropout, null_class, g)
-            z = {name: t.get(sl).to(device, non_blocking=True) for name, t in targets.items()}
+        for k, batch in enumerate(task.micro_batches(step, rank, world, g, device)):
             ctx = accelerator.no_sync(module) if k < tc.grad_accum - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                loss, parts = objective(module, x0, y, z, step, generator=g)
+                loss, parts = task.loss(objective, module, batch, step, g)
             if not torch.isfinite(loss):
                 where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -306,15 +232,16 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
                     f.write(json.dumps(rec) + "\n")
             if tc.log_with:
                 accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-        if tc.sample_every > 0 and (done % tc.sample_every == 0 or done == 1) and done != tc.steps:
-            previews(done)
+        if task.eval_due(done) and done != tc.steps:
+            evaluate(done)
         if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps or done in extra_ckpts:
             last_ckpt = checkpoint(done)
     bar.close()
     final_step = end
     if final_step == tc.steps and accelerator.is_main_process:
-        previews(final_step)
-        plot_loss_curve(metrics_path, run_dir / "loss.png", title=f"{cfg.objective.method}: {cfg.model.preset}")
+        evaluate(final_step)
+        plot_loss_curve(metrics_path, run_dir / "loss.png", title=task.title())
+    accelerator.wait_for_everyone()
     if tc.log_with:
         accelerator.end_training()
     return TrainResult(run_dir, final_step, last_ckpt)

@@ -1,0 +1,39 @@
+"""Domains as seen by the trainer. A task loads its data and targets, builds its denoiser and objective, yields
+micro-batches, computes the loss of one micro-batch and evaluates the EMA model during training.
+
+Interface (duck-typed; :class:`~reed.tasks.image.ImageTask` and :class:`~reed.tasks.protein.ProteinTask`)::
+
+    setup(device=, main_process_first=, progress=, world=) -> Config   # resolved config (dims, steps)
+    build_denoiser() -> nn.Module                                     # returns (prediction, {tap: hidden})
+    build_objective() -> Objective
+    micro_batches(step, rank, world, generator, device) -> iterator of train.grad_accum batches
+    loss(objective, module, batch, step, generator) -> (scalar loss, {name: detached scalar})
+    eval_due(done_steps) -> bool ; evaluate(ema_model, run_dir, step, device) -> {metric: float}
+    title() -> str
+"""
+
+from __future__ import annotations
+
+from reed.config import Config
+
+
+def get_task(cfg: Config):
+    """The task object for ``cfg.domain``."""
+    if cfg.domain == "protein":
+        from reed.tasks.protein import ProteinTask
+
+        return ProteinTask(cfg)
+    from reed.tasks.image import ImageTask
+
+    return ImageTask(cfg)
+
+
+def build_denoiser(cfg: Config):
+    """The denoiser of a resolved config (e.g. the one saved in a checkpoint)."""
+    if cfg.domain == "protein":
+        from reed.tasks.protein import build_mpnn_denoiser
+
+        return build_mpnn_denoiser(cfg)
+    from reed.tasks.image import build_sit_denoiser
+
+    return build_sit_denoiser(cfg)
