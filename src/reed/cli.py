@@ -40,6 +40,10 @@ def cmd_fit_encoder(args) -> int:
     from reed.targets.fitted_encoder import fit_encoder, linear_probe_accuracy, save_encoder
 
     cfg = _load(args)
+    if cfg.domain == "molecule":
+        from reed.cli_molecule import fit_encoders
+
+        return fit_encoders(cfg, force=args.force)
     todo = [t for t in cfg.targets if t.source == "fitted_encoder"]
     if not todo:
         print("no target with source 'fitted_encoder' in the config; nothing to fit")
@@ -110,7 +114,17 @@ def cmd_embed_protein(args) -> int:
 def cmd_sample(args) -> int:
     from reed.generate import generate
 
-    if _run_domain(args.run) == "protein":
+    domain = _run_domain(args.run)
+    if domain == "molecule":
+        import torch
+
+        from reed.cli_molecule import sample as sample_molecules
+        from reed.generate import load_denoiser
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
+        return sample_molecules(args, model, cfg, device)
+    if domain == "protein":
         import torch
 
         from reed.cli_protein import sample_protein
@@ -245,6 +259,15 @@ def cmd_evaluate(args) -> int:
     import numpy as np
 
     samples = Path(args.samples)
+    if samples.suffix.lower() in (".sdf", ".npz") and (samples.suffix.lower() == ".sdf"
+                                                      or samples.with_suffix(".sdf").is_file()):
+        from reed.cli_molecule import evaluate as evaluate_molecules
+
+        text = json.dumps(evaluate_molecules(args), indent=2, default=str)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
     if samples.suffix.lower() in (".fasta", ".fa") or (samples.is_dir() and _run_domain(str(samples)) == "protein"):
         from reed.cli_protein import evaluate_protein_fasta, evaluate_protein_run
 
@@ -393,13 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     sp.set_defaults(func=cmd_embed_protein)
 
-    sp = sub.add_parser("sample", help="generate samples from a run: images into an ADM-layout .npz, or designed "
-                        "protein sequences (FASTA) for --structures")
+    sp = sub.add_parser("sample", help="generate samples from a run: images into an ADM-layout .npz, designed "
+                        "protein sequences (FASTA) for --structures, or molecules (.sdf + grid)")
     sp.add_argument("run", help="run directory or checkpoint directory")
     sp.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                     help="number of samples (default 100; protein runs: designs per chain, default 1); "
                     "--num-samples under torchrun, whose own --numa options clash")
-    sp.add_argument("--out", default=None, help="output .npz (default <run>/samples.npz)")
+    sp.add_argument("--out", default=None, help="output .npz (default <run>/samples.npz; molecules: .sdf)")
     sp.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None)
     sp.add_argument("--steps", type=int, default=None)
     sp.add_argument("--cfg-scale", type=float, default=None)
@@ -419,12 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_sample)
 
     sp = sub.add_parser("evaluate", help="image metrics of a samples .npz (FID/sFID/IS/PR/FD_DINOv2, in-domain); "
-                        "protein: recovery of a designs FASTA, or of a run on a data split")
+                        "protein: recovery of a designs FASTA or of a run's split; molecules: stability, validity, ...")
     sp.add_argument("samples", help="samples .npz written by `reed sample` (arr_0 uint8 N x H x W x C), a designs "
-                    ".fasta, or a protein run directory (designs its --split)")
+                    ".fasta, a protein run directory (designs its --split), or molecules (.sdf; --run for novelty)")
     sp.add_argument("--split", choices=["train", "valid", "test"], default=None, help="protein run: split to design")
     sp.add_argument("--refold", default=None, help="protein: ESMFold model dir/hub id to refold designs (RMSD/TM)")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--energy", action="store_true", help="molecules: MMFF energy and strain (slow for many)")
     sp.add_argument("--ref", default=None, help="reference: ADM batch .npz, images (.npz/.npy/folder)")
     sp.add_argument("--inception", default=None, help="FID Inception weights file (pt_inception-2015-12-05-*.pth)")
     sp.add_argument("--dinov2", default=None, help="DINOv2 directory for FD_DINOv2")

@@ -85,6 +85,9 @@ class TargetConfig:
       * ``protein_store`` — proteins: array ``array`` (default: ``name``; e.g. ``single``/``pair``/``structure``)
         of a protein target store at ``path`` (written by ``reed embed-protein``), looked up by example name with
         a sequence-equality check.
+      * ``molecule_encoder`` — molecules: a per-molecule representation from ``encoder: fitted`` (an equivariant
+        encoder fitted on the data by ``reed fit-encoder``, directory ``path``) or ``encoder: unimol`` (UniMol via
+        unimol_tools, weights directory ``path``); computed once for the training set and cached.
     captions: a ``reed caption`` output directory (for ``caption_text``/``vlm`` on data without built-in captions).
     store: where ``reed embed`` writes this target (a target store directory); when set, training reads the
       target from that store instead of computing it, so one config serves both steps.
@@ -99,7 +102,7 @@ class TargetConfig:
 
     name: str = "target"
     source: Literal["fitted_encoder", "caption_text", "file", "store", "encoder", "vlm",
-                    "protein_store"] = "fitted_encoder"
+                    "protein_store", "molecule_encoder"] = "fitted_encoder"
     path: str | None = None
     encoder: str = "minilm"
     kind: Literal["tokens", "pooled", "edges"] = "tokens"
@@ -196,8 +199,10 @@ class FitConfig:
 
 @dataclass
 class ProteinDataConfig:
-    """Protein structures. ``format``: ``directory`` (PDB/mmCIF files, split by example with ``split``) or
-    ``pdb_2021aug02`` (ProteinMPNN's training set layout with its cluster splits)."""
+    """Protein structures. ``format``: ``directory`` (PDB/mmCIF files, split with the fractions ``split``) or
+    ``pdb_2021aug02`` (ProteinMPNN's training set layout with its cluster splits).
+    ``split_by: sequence`` keeps identical chains (homo-oligomers) in one part so validation/test sequences are
+    never trained on; ``example`` splits chains independently."""
 
     format: Literal["directory", "pdb_2021aug02"] = "directory"
     path: str | None = None
@@ -206,6 +211,7 @@ class ProteinDataConfig:
     max_resolution: float = 3.5
     member: Literal["first", "random"] = "first"
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_by: Literal["example", "sequence"] = "sequence"
     token_budget: int = 20000
 
 
@@ -257,12 +263,77 @@ class ProteinConfig:
 
 
 @dataclass
+class MoleculeDataConfig:
+    """Molecules. ``format``: ``edm_npz`` (QM9/GEOM in the EDM layout; bonds inferred with RDKit), ``sdf`` or
+    ``smiles`` (one SMILES per line; an ETKDG conformer each). ``split`` has 2 or 3 fractions (train, valid[, test]).
+    ``coord_std`` (Å) scales coordinates to the model's units (QM9 1.7233, GEOM-Drugs 2.4070)."""
+
+    format: Literal["edm_npz", "sdf", "smiles"] = "edm_npz"
+    path: str | None = None
+    limit: int | None = None
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    atom_budget: int = 4096
+    coord_std: float = 1.723299503326416
+    rotate: bool = True
+
+
+@dataclass
+class MoleculeModelConfig:
+    """Equivariant denoiser (:mod:`reed.models.molecule`); explicit fields override the preset."""
+
+    preset: Literal["semla", "semla-small", "egnn", "egnn-small"] = "semla"
+    hidden: int | None = None
+    layers: int | None = None
+
+
+@dataclass
+class MoleculeProcessConfig:
+    """Equivariant flow matching (:mod:`reed.processes.equivariant`)."""
+
+    coord_noise: float = 0.2
+    ot: Literal["equivariant", "none"] = "equivariant"
+    time_alpha: float = 2.0
+    time_beta: float = 1.0
+    w_coords: float = 1.0
+    w_types: float = 0.2
+    w_bonds: float = 1.0
+    w_charges: float = 1.0
+    coord_loss_norm: Literal["atoms", "padded"] = "atoms"
+    self_condition: float = 0.5
+
+
+@dataclass
+class MoleculeSampleConfig:
+    """Sampling (:func:`reed.sampling.molecule.sample_molecules`)."""
+
+    steps: int = 100
+    grid: Literal["log", "linear"] = "log"
+    eta: float = 1.0
+    batch_size: int = 256
+
+
+@dataclass
+class MoleculeConfig:
+    """Everything specific to 3D molecule generation (``domain: molecule``). ``eval_every`` (steps) samples
+    ``eval_num`` molecules from the EMA model and logs stability/validity; 0 = only at the end. ``elements`` (the
+    atom-type vocabulary) is filled from the data when left empty."""
+
+    data: MoleculeDataConfig = field(default_factory=MoleculeDataConfig)
+    model: MoleculeModelConfig = field(default_factory=MoleculeModelConfig)
+    process: MoleculeProcessConfig = field(default_factory=MoleculeProcessConfig)
+    sample: MoleculeSampleConfig = field(default_factory=MoleculeSampleConfig)
+    eval_every: int = 0
+    eval_num: int = 200
+    elements: list[str] | None = None
+
+
+@dataclass
 class Config:
     """A whole experiment. ``domain`` picks the data/model/process: ``image`` uses ``data``/``model``/``process``,
-    ``protein`` the ``protein`` section."""
+    ``protein`` the ``protein`` section, ``molecule`` the ``molecule`` section."""
 
     seed: int = 0
-    domain: Literal["image", "protein"] = "image"
+    domain: Literal["image", "protein", "molecule"] = "image"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
@@ -272,6 +343,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     protein: ProteinConfig | None = None
+    molecule: MoleculeConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,6 +502,17 @@ def validate(cfg: Config) -> Config:
             if tg.source != "protein_store":
                 raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; protein runs take targets "
                                   "from 'protein_store' (written by reed embed-protein)")
+    if cfg.domain == "molecule":
+        if cfg.molecule is None:
+            cfg = dataclasses.replace(cfg, molecule=MoleculeConfig())
+        md = cfg.molecule.data
+        if md.atom_budget < 1 or md.coord_std <= 0 or len(md.split) not in (2, 3):
+            raise ConfigError("config keys 'molecule.data.atom_budget' (>= 1), 'molecule.data.coord_std' (> 0) and "
+                              "'molecule.data.split' (2 or 3 fractions) are invalid")
+        for i, tg in enumerate(cfg.targets):
+            if tg.source != "molecule_encoder":
+                raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; molecule runs take targets from "
+                                  "'molecule_encoder'")
     if t.epochs < 0:
         raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
     s = cfg.sample

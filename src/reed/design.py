@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reed.config import Config
-from reed.data.protein import MASK_ID, X_ID, ProteinExample, collate, decode_sequence, token_batches
+from reed.data.protein import X_ID, ProteinExample, collate, decode_sequence, token_batches
 from reed.metrics.protein import RecoveryAccumulator, perplexity
 from reed.sampling.masked import sample_masked
 
@@ -36,7 +36,8 @@ def design_sequences(model, cfg: Config, examples: Sequence[ProteinExample], *, 
     Sampler settings default to ``cfg.protein.sample``. Returns one record per design:
     {"name", "sample", "sequence" (str, X where the backbone is incomplete), "native", "recovery" (over residues
     with a complete backbone), "tokens" (L,) tensor, "mask" (L,) bool}.
-    Results do not depend on how designs are batched: each (example, sample) gets its own generator.
+    Designs are batched under the token budget and sampled together (one generator per batch), so they depend
+    on ``seed`` and ``budget``.
     """
     sc = cfg.protein.sample
     steps = steps or sc.steps
@@ -52,15 +53,10 @@ def design_sequences(model, cfg: Config, examples: Sequence[ProteinExample], *, 
         exs = [examples[jobs[j][0]] for j in b]
         pb = collate(exs, device=device)
         valid = pb.residue_mask.bool()
-        tokens = torch.full_like(pb.S, MASK_ID)
-        # one generator per design: the result does not depend on the batch composition
-        for row, j in enumerate(b):
-            i, s = jobs[j]
-            g = torch.Generator(device=pb.S.device).manual_seed(seed * 1_000_003 + i * 1009 + s)
-            one = pb_row(pb, row)
-            tokens[row, : one.S.shape[1]] = sample_masked(_denoise_fn(model, one), one.residue_mask.bool(),
-                                                          steps=steps, temperature=temperature, order=order,
-                                                          generator=g)[0]
+        # one generator per batch, seeded by its first design: results depend on the seed and the token budget
+        g = torch.Generator(device=pb.S.device).manual_seed(seed * 1_000_003 + b[0])
+        tokens = sample_masked(_denoise_fn(model, pb), valid, steps=steps, temperature=temperature, order=order,
+                               generator=g)
         for row, j in enumerate(b):
             i, s = jobs[j]
             L = len(examples[i])
@@ -70,16 +66,6 @@ def design_sequences(model, cfg: Config, examples: Sequence[ProteinExample], *, 
                       "native": examples[i].sequence, "recovery": rec, "tokens": tok, "mask": m}
     model.train(was_training)
     return out  # type: ignore[return-value]
-
-
-def pb_row(pb, row: int):
-    """Batch of one: row ``row`` of a collated batch, cropped to its length."""
-    L = int(pb.lengths[row])
-    ex = type(pb)(X=pb.X[row : row + 1, :L], S=pb.S[row : row + 1, :L], mask=pb.mask[row : row + 1, :L],
-                  chain_M=pb.chain_M[row : row + 1, :L], residue_idx=pb.residue_idx[row : row + 1, :L],
-                  chain_encoding=pb.chain_encoding[row : row + 1, :L], lengths=pb.lengths[row : row + 1],
-                  names=[pb.names[row]], sequences=[pb.sequences[row]])
-    return ex
 
 
 @torch.no_grad()

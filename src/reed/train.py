@@ -54,7 +54,7 @@ __all__ = ["train", "TrainResult", "build_denoiser", "build_objective", "resolve
            "preview_samples", "config_differences"]
 
 # config sections that must match the checkpoint when resuming (train.* may change, e.g. more steps)
-RESUME_MUST_MATCH = ("seed", "domain", "data", "model", "process", "targets", "objective", "protein")
+RESUME_MUST_MATCH = ("seed", "domain", "data", "model", "process", "targets", "objective", "protein", "molecule")
 
 
 def _flatten(obj, prefix: str = "") -> dict[str, object]:

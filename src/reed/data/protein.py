@@ -500,13 +500,28 @@ class ProteinDataset:
         """Examples at ``indices`` (in that order); ``skipped`` is carried over."""
         return ProteinDataset([self.examples[int(i)] for i in indices], self.skipped)
 
-    def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> tuple[ProteinDataset, ...]:
-        """Deterministic random split by example; each part keeps the original order of its examples."""
-        counts = _split_counts(len(self), fractions)
-        perm = np.random.default_rng(seed).permutation(len(self))
+    def split(self, fractions=(0.8, 0.1, 0.1), seed: int = 0, *, by: str = "example") -> tuple[ProteinDataset, ...]:
+        """Deterministic random split; each part keeps the original order of its examples.
+
+        ``by="example"`` splits examples; ``by="sequence"`` splits the groups of examples with identical sequences
+        (chains of a homo-oligomer stay together), so no sequence is in two parts — the fractions then count
+        groups.
+        """
+        if by not in ("example", "sequence"):
+            raise DataError(f"split: by must be 'example' or 'sequence', got {by!r}")
+        if by == "example":
+            groups = [[i] for i in range(len(self))]
+        else:
+            first: dict[str, list[int]] = {}
+            for i, e in enumerate(self.examples):
+                first.setdefault(e.sequence, []).append(i)
+            groups = list(first.values())
+        counts = _split_counts(len(groups), fractions)
+        perm = np.random.default_rng(seed).permutation(len(groups))
         parts, start = [], 0
         for c in counts:
-            parts.append(self.subset(np.sort(perm[start : start + c])))
+            idx = [i for g in perm[start : start + c] for i in groups[g]]
+            parts.append(self.subset(np.sort(np.asarray(idx, dtype=np.int64))))
             start += c
         return tuple(parts)
 

@@ -15,6 +15,7 @@ Interface (duck-typed; :class:`~reed.tasks.image.ImageTask` and :class:`~reed.ta
 from __future__ import annotations
 
 from reed.config import Config
+from reed.errors import ConfigError
 
 
 def get_task(cfg: Config):
@@ -23,6 +24,10 @@ def get_task(cfg: Config):
         from reed.tasks.protein import ProteinTask
 
         return ProteinTask(cfg)
+    if cfg.domain == "molecule":
+        from reed.tasks.molecule import MoleculeTask
+
+        return MoleculeTask(cfg)
     from reed.tasks.image import ImageTask
 
     return ImageTask(cfg)
@@ -30,6 +35,12 @@ def get_task(cfg: Config):
 
 def build_denoiser(cfg: Config):
     """The denoiser of a resolved config (e.g. the one saved in a checkpoint)."""
+    if cfg.domain == "molecule":
+        from reed.tasks.molecule import build_molecule_denoiser
+
+        if not cfg.molecule.elements:
+            raise ConfigError("molecule config has no resolved element vocabulary (molecule.elements)")
+        return build_molecule_denoiser(cfg, len(cfg.molecule.elements))
     if cfg.domain == "protein":
         from reed.tasks.protein import build_mpnn_denoiser
 

@@ -55,7 +55,7 @@ def load_splits(cfg: Config, progress: bool = False) -> dict[str, ProteinDataset
     if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6:
         raise ConfigError(f"config key 'protein.data.split' must be three fractions summing to 1, got {d.split}")
     full = ProteinDataset.from_directory(d.path, mode=d.mode, max_length=d.max_length, progress=progress)
-    train, valid, test = full.split(tuple(d.split), seed=cfg.seed)
+    train, valid, test = full.split(tuple(d.split), seed=cfg.seed, by=d.split_by)
     return {"train": train, "valid": valid, "test": test}
 
 
