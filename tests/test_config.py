@@ -73,3 +73,14 @@ def test_missing_and_bad_files(tmp_path):
     typo.write_text("train:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match="train.stpes"):
         load_config(typo)
+
+
+def test_scientific_notation_override_without_dot():
+    """YAML 1.1 reads "1e-3" as a string; a float field still takes it, a non-number is still refused."""
+    from reed.config import load_config
+    from reed.errors import ConfigError
+
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    assert load_config(None, ["train.lr=-2E+2"]).train.lr == -200.0
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=1e-3x"])
