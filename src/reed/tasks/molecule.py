@@ -10,7 +10,6 @@ Coordinates are scaled by ``1/coord_std`` for the model and back to Å for metri
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from reed.errors import ConfigError, DataError
 from reed.models.molecule import MoleculeDenoiser, build_molecule_model
 from reed.objective import DenoiserOutput, Objective, ReedModule, active_terms
 from reed.processes.equivariant import MoleculeFlow, self_condition_inputs
+from reed.tasks.epochs import EpochBatches
 from reed.tasks.image import align_terms, curriculum
 
 
@@ -163,12 +163,10 @@ class MoleculeTask:
             self.targets = MoleculeTargets(terms_cfg, self.train_set, cfg.train.cache_dir, device, progress)
         cfg = replace(cfg, targets=[replace(t, dim=int(self.targets.pooled[t.name].shape[1]))
                                     if t.name in self.targets.pooled else t for t in cfg.targets])
-        self.batches = self.train_set.batches(cfg.molecule.data.atom_budget)
-        tc = cfg.train
-        self.per_step = world * tc.grad_accum
-        self.steps_per_epoch = max(math.ceil(len(self.batches) / self.per_step), 1)
-        if tc.epochs > 0:
-            cfg = replace(cfg, train=replace(tc, steps=tc.epochs * self.steps_per_epoch))
+        self.epochs = EpochBatches(self.train_set.batches(cfg.molecule.data.atom_budget), seed=cfg.seed,
+                                   world=world, grad_accum=cfg.train.grad_accum)
+        self.steps_per_epoch = self.epochs.steps_per_epoch
+        cfg = self.epochs.resolve_steps(cfg)
         self.flow = build_flow(cfg, len(self.elements))
         self.count_dist = self.train_set.atom_count_distribution()
         self._train_smiles: set[str] | None = None
@@ -190,18 +188,10 @@ class MoleculeTask:
         return Objective(self.flow, align_terms(cfg), method=cfg.objective.method,
                          proj_coeff=cfg.objective.proj_coeff, curriculum=curriculum(cfg, self.steps_per_epoch))
 
-    def batch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.batches), generator=g)
-
     def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
         """This process's ``grad_accum`` atom-budget batches of ``step``: (MoleculeBatch, {target: (B,D)})."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self.batch_order(epoch)
         rot = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 64 + rank)  # rotations drawn on CPU
-        for k in range(self.cfg.train.grad_accum):
-            pos = (within * self.per_step + k * world + rank) % len(self.batches)
-            idx = self.batches[int(order[pos])]
+        for idx in self.epochs.indices(step, rank):
             mb = self.train_set.collate(idx, rotate=self.cfg.molecule.data.rotate, generator=rot).to(device)
             z = {name: t[idx].to(device) for name, t in self.targets.pooled.items()}
             yield mb, z

@@ -8,7 +8,6 @@ given in epochs (``objective.curriculum.unit: epoch``), as in the reference (spe
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from reed.models.mpnn import MPNN_PRESETS, MPNNDenoiser, build_mpnn
 from reed.objective import DenoiserOutput, Objective, ReedModule, active_terms
 from reed.processes.masked import MaskedDiffusion
 from reed.targets.protein import ProteinTargetStore
+from reed.tasks.epochs import EpochBatches
 from reed.tasks.image import align_terms, curriculum
 
 
@@ -108,12 +108,10 @@ class ProteinTask:
         self.targets = ProteinTargets(terms_cfg, self.train_set.examples)
         cfg = replace(cfg, targets=[replace(t, dim=self.targets.dim(t.name)) if t.name in self.targets.items else t
                                     for t in cfg.targets])
-        self.batches = self.train_set.batches(cfg.protein.data.token_budget)
-        tc = cfg.train
-        self.per_step = world * tc.grad_accum  # token batches consumed per optimizer step
-        self.steps_per_epoch = max(math.ceil(len(self.batches) / self.per_step), 1)
-        if tc.epochs > 0:
-            cfg = replace(cfg, train=replace(tc, steps=tc.epochs * self.steps_per_epoch))
+        self.epochs = EpochBatches(self.train_set.batches(cfg.protein.data.token_budget), seed=cfg.seed,
+                                   world=world, grad_accum=cfg.train.grad_accum)
+        self.steps_per_epoch = self.epochs.steps_per_epoch
+        cfg = self.epochs.resolve_steps(cfg)
         self.process = build_process(cfg)
         self.cfg = cfg
         return cfg
@@ -135,18 +133,10 @@ class ProteinTask:
         return Objective(self.process, align_terms(cfg), method=cfg.objective.method,
                          proj_coeff=cfg.objective.proj_coeff, curriculum=curriculum(cfg, self.steps_per_epoch))
 
-    def batch_order(self, epoch: int) -> torch.Tensor:
-        """Permutation of the token batches for ``epoch`` (a pure function of seed and epoch)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.batches), generator=g)
-
     def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
         """This process's ``grad_accum`` token batches of ``step``: (ProteinBatch, {target: tensor})."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self.batch_order(epoch)
-        for k in range(self.cfg.train.grad_accum):
-            pos = (within * self.per_step + k * world + rank) % len(self.batches)
-            examples = [self.train_set[i] for i in self.batches[int(order[pos])]]
+        for idx in self.epochs.indices(step, rank):
+            examples = [self.train_set[i] for i in idx]
             pb = collate(examples, device=device)
             z = self.targets.batch(examples, pb.S.shape[1], device) if self.targets.items else {}
             yield pb, z
