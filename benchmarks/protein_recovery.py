@@ -10,7 +10,7 @@ Offline (this repository's CI machines) no pretrained ESM-2 can be downloaded: w
 the run exercises the whole pipeline but says nothing about the value of real ESM-2 targets. On a machine with
 the weights pass ``--esm facebook/esm2_t6_8M_UR50D`` (or a local directory).
 
-    python benchmarks/protein_recovery.py                   # ../shared/data/pdb, split by sequence (~25 min, 2 cores)
+    python benchmarks/protein_recovery.py                   # ../shared/data/pdb, split by sequence (~6 min per run, 2 cores)
     python benchmarks/protein_recovery.py --quick           # fewer epochs
     python benchmarks/protein_recovery.py --config configs/protein_esm2_reed.yaml \\
         --esm facebook/esm2_t33_650M_UR50D --epochs 200 --eval-every 10 protein.data.path=/data/my_pdbs
@@ -43,10 +43,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--quick", action="store_true", help="40 epochs, one seed")
+    p.add_argument("--train-recovery", action="store_true",
+                   help="also design the training chains at every evaluation (slow on CPU)")
     p.add_argument("--full-model", action="store_true",
                    help="keep the recipe's model and sampler on CPU too (default on CPU: mpnn-small, 50 design steps)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench_protein"))
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from <out>/protein_recovery.json")
     return p.parse_args()
 
 
@@ -59,15 +62,19 @@ def method_overrides(method: str, epochs: int) -> list[str]:
             "objective.curriculum.align_decay=cosine", f"objective.curriculum.align_steps={epochs}"]
 
 
-def train_eval(cfg, run: Path, train_examples) -> list[dict]:
-    """Train ``cfg`` into ``run`` (its in-training evaluation designs the validation chains) and add the training
-    chains' recovery at every checkpoint."""
+def train_eval(cfg, run: Path, train_examples, train_recovery: bool, total_steps: int) -> list[dict]:
+    """Train ``cfg`` into ``run`` (its in-training evaluation designs the validation chains) and, with
+    ``train_recovery``, add the training chains' recovery at every checkpoint. A finished run is reused."""
     from reed.design import evaluate_split
     from reed.generate import load_denoiser
     from reed.train import train
 
-    train(cfg, run)
+    done = run / "checkpoints" / f"step_{total_steps:07d}"
+    if not done.is_dir():
+        train(cfg, run)
     evals = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines() if ln.strip()]
+    if not train_recovery:
+        return evals
     from reed.checkpoint import list_checkpoints
 
     by_step = {int(ck.name.split("_")[1]): ck for ck in list_checkpoints(run)}
@@ -83,6 +90,10 @@ def train_eval(cfg, run: Path, train_examples) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
+    if args.plot_only:
+        res = json.loads((Path(args.out) / "protein_recovery.json").read_text())
+        plot(res["results"], res["info"], Path(args.out) / "protein_recovery.png")
+        return
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +137,7 @@ def main() -> None:
                                "train.keep_checkpoints=1000"])
             run = work / f"{method}_s{seed}"
             tic = time.time()
-            evals = train_eval(cfg, run, splits["train"].examples)
+            evals = train_eval(cfg, run, splits["train"].examples, args.train_recovery, epochs * spe)
             for e in evals:
                 results.append({"method": method, "seed": seed, **e})
             print(f"{method} seed {seed}: final valid recovery {evals[-1]['valid/recovery']:.3f} "
@@ -154,9 +165,10 @@ def plot(results: list[dict], info: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "valid/recovery", "validation chains (unseen sequences)"),
-                           (axes[1], "train/recovery", "training chains")):
+    panels = [(k, t) for k, t in (("valid/recovery", "validation chains (unseen sequences)"),
+                                  ("train/recovery", "training chains")) if any(k in r for r in results)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
         for method in ("baseline", "reed"):
             rows = [r for r in results if r["method"] == method and key in r]
             seeds = sorted({r["seed"] for r in rows})
