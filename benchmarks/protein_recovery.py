@@ -10,7 +10,7 @@ Offline (this repository's CI machines) no pretrained ESM-2 can be downloaded: w
 the run exercises the whole pipeline but says nothing about the value of real ESM-2 targets. On a machine with
 the weights pass ``--esm facebook/esm2_t6_8M_UR50D`` (or a local directory).
 
-    python benchmarks/protein_recovery.py                   # ../shared/data/pdb, split by sequence (~6 min per run, 2 cores)
+    python benchmarks/protein_recovery.py           # ../shared/data/pdb, split by sequence (~6 min a run, 2 cores)
     python benchmarks/protein_recovery.py --quick           # fewer epochs
     python benchmarks/protein_recovery.py --config configs/protein_esm2_reed.yaml \\
         --esm facebook/esm2_t33_650M_UR50D --epochs 200 --eval-every 10 protein.data.path=/data/my_pdbs
