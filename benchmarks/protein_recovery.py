@@ -120,43 +120,37 @@ def main() -> None:
     examples = [e for s in ("train", "valid", "test") for e in splits[s].examples]
     embed_proteins_esm2([e.name for e in examples], [e.sequence for e in examples], store, model=esm,
                         progress=False)
-    from reed.tasks.protein import ProteinTask
+    from reed.tasks.epochs import EpochBatches
 
-    spe = None
     results: list[dict] = []
+    spe_by_seed, splits_by_seed = {}, {}
     t0 = time.time()
     for seed in seeds:
+        # the data split depends on the seed: steps per epoch and training chains are taken per seed
+        cfg_s = load_config(args.config, base + [f"seed={seed}"])
+        splits_by_seed[seed] = split = load_splits(cfg_s)
+        spe = EpochBatches(split["train"].batches(cfg_s.protein.data.token_budget), seed=seed, world=1,
+                           grad_accum=cfg_s.train.grad_accum).steps_per_epoch
+        spe_by_seed[seed] = spe
         for method in ("baseline", "reed"):
-            cfg = load_config(args.config, base + method_overrides(method, epochs) + [f"seed={seed}"])
-            if spe is None:
-                task = ProteinTask(cfg)
-                task.setup(device=torch.device("cpu"), main_process_first=_null, progress=False)
-                spe = task.steps_per_epoch
             cfg = load_config(args.config, base + method_overrides(method, epochs) +
                               [f"seed={seed}", f"train.checkpoint_every={args.eval_every * spe}",
                                "train.keep_checkpoints=1000"])
             run = work / f"{method}_s{seed}"
             tic = time.time()
-            evals = train_eval(cfg, run, splits["train"].examples, args.train_recovery, epochs * spe)
+            evals = train_eval(cfg, run, split["train"].examples, args.train_recovery, epochs * spe)
             for e in evals:
                 results.append({"method": method, "seed": seed, **e})
             print(f"{method} seed {seed}: final valid recovery {evals[-1]['valid/recovery']:.3f} "
                   f"({time.time() - tic:.0f} s)", flush=True)
+    splits_info = {s: {k: v.names for k, v in sp.items()} for s, sp in splits_by_seed.items()}
     info = {"data": args.data, "esm": esm if args.esm else None, "esm_weights": esm_note, "epochs": epochs,
-            "seeds": seeds, "steps_per_epoch": spe, "config": args.config, "overrides": cpu_small + args.overrides,
-            "splits": {k: v.names for k, v in splits.items()}, "wall_s": round(time.time() - t0, 1),
+            "seeds": seeds, "steps_per_epoch": spe_by_seed, "config": args.config,
+            "overrides": cpu_small + args.overrides, "splits": splits_info, "wall_s": round(time.time() - t0, 1),
             "machine": platform.platform(), "threads": torch.get_num_threads()}
     (out / "protein_recovery.json").write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
     plot(results, info, out / "protein_recovery.png")
     print(f"wrote {out / 'protein_recovery.json'} and {out / 'protein_recovery.png'}")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def plot(results: list[dict], info: dict, path: Path) -> None:

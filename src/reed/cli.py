@@ -254,6 +254,15 @@ def cmd_embed_text(args) -> int:
     return 0
 
 
+def _report(result: dict, out: str | None) -> int:
+    """Print an evaluation result as JSON and also write it to ``out`` when given."""
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     """Standard metrics against a reference (--ref) and/or in-domain metrics against a run's data (--run)."""
     import numpy as np
@@ -263,20 +272,12 @@ def cmd_evaluate(args) -> int:
                                                       or samples.with_suffix(".sdf").is_file()):
         from reed.cli_molecule import evaluate as evaluate_molecules
 
-        text = json.dumps(evaluate_molecules(args), indent=2, default=str)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
-        print(text)
-        return 0
+        return _report(evaluate_molecules(args), args.out)
     if samples.suffix.lower() in (".fasta", ".fa") or (samples.is_dir() and _run_domain(str(samples)) == "protein"):
         from reed.cli_protein import evaluate_protein_fasta, evaluate_protein_run
 
         result = evaluate_protein_run(args, samples) if samples.is_dir() else evaluate_protein_fasta(args)
-        text = json.dumps(result, indent=2, default=str)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
-        print(text)
-        return 0
+        return _report(result, args.out)
     if not samples.is_file():
         raise ConfigError(f"samples file not found: {samples}")
     settings_file = samples.with_suffix(".json")
@@ -312,11 +313,7 @@ def cmd_evaluate(args) -> int:
         result["in_domain"] = {**ev(x, y), "evaluator_held_out_accuracy": ev.held_out_accuracy,
                                "data": cfg.data.name, "definition": "Fréchet distance in the features of a "
                                "classifier trained on the data set; accuracy = classifier agrees with the label"}
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return _report(result, args.out)
 
 
 def cmd_import(args) -> int:

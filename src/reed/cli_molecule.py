@@ -39,6 +39,7 @@ def fit_encoders(cfg, force: bool = False) -> int:
 def sample(args, model, cfg, device: str) -> int:
     """``reed sample RUN --num N --out mols.sdf``: molecules with atom counts from the training set, as SDF, a PNG
     grid of 2D depictions and a JSON of the settings."""
+    from reed.data.molecule import MoleculeDataset
     from reed.metrics.molecule import depiction_grid, write_sdf
     from reed.tasks.molecule import generate_molecules, load_molecule_splits
 
@@ -52,7 +53,7 @@ def sample(args, model, cfg, device: str) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_sdf(mols, out)
     # every molecule (valid or not) also as arrays, so evaluation sees the invalid ones too
-    _save_arrays(mols, out.with_suffix(".npz"))
+    MoleculeDataset(mols, cfg.molecule.elements, name=out.stem).save(out.with_suffix(".npz"))
     depiction_grid(mols[:48], out.with_suffix(".png"))
     settings = {"run": str(args.run), "num": num, "seed": args.seed, "steps": args.steps or cfg.molecule.sample.steps,
                 "grid": cfg.molecule.sample.grid, "eta": cfg.molecule.sample.eta, "valid_written": written}
@@ -60,41 +61,6 @@ def sample(args, model, cfg, device: str) -> int:
     print(f"wrote {written} valid of {num} molecules to {out}, all {num} to {out.with_suffix('.npz')}, "
           f"a grid to {out.with_suffix('.png')}")
     return 0
-
-
-def _save_arrays(mols, path: Path) -> None:
-    import numpy as np
-
-    offsets = np.cumsum([0] + [len(m.atoms) for m in mols])
-    bonds = np.zeros((len(mols),), dtype=object)
-    for i, m in enumerate(mols):
-        bonds[i] = m.bonds
-    np.savez(path, atoms=np.concatenate([m.atoms for m in mols]), coords=np.concatenate([m.coords for m in mols]),
-             charges=np.concatenate([m.charges for m in mols]), offsets=offsets,
-             bonds=np.concatenate([m.bonds[np.triu_indices(len(m.atoms), 1)] for m in mols]))
-
-
-def load_arrays(path: Path):
-    """Molecules saved by ``reed sample`` (``.npz`` beside the ``.sdf``)."""
-    import numpy as np
-
-    from reed.data.molecule import Molecule
-
-    try:
-        f = np.load(path)
-        atoms, coords, charges, offsets, bonds = (f[k] for k in ("atoms", "coords", "charges", "offsets", "bonds"))
-    except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"{path}: not a molecule samples file written by `reed sample` ({e})") from None
-    mols, b0 = [], 0
-    for i in range(len(offsets) - 1):
-        s, e = int(offsets[i]), int(offsets[i + 1])
-        n = e - s
-        iu = np.triu_indices(n, 1)
-        B = np.zeros((n, n), dtype=np.int64)
-        B[iu] = bonds[b0 : b0 + len(iu[0])]
-        b0 += len(iu[0])
-        mols.append(Molecule(atoms=atoms[s:e], coords=coords[s:e], bonds=B + B.T, charges=charges[s:e]))
-    return mols
 
 
 def evaluate(args) -> dict:
@@ -106,7 +72,7 @@ def evaluate(args) -> dict:
     path = Path(args.samples)
     arrays = path.with_suffix(".npz")
     if arrays.is_file():
-        mols = load_arrays(arrays)
+        mols = MoleculeDataset.load(arrays).molecules
         source = str(arrays)
     elif path.is_file():
         mols = MoleculeDataset.from_sdf(path).molecules

@@ -10,12 +10,12 @@ from reed.errors import ConfigError, DataError
 
 
 def _structure_files(paths: list[str]) -> list[Path]:
-    from reed.data.protein import STRUCTURE_SUFFIXES
+    from reed.data.protein import structure_kind
 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if any(f.name.lower().endswith(s) for s in STRUCTURE_SUFFIXES))
+            files += sorted(f for f in p.iterdir() if f.is_file() and structure_kind(f) is not None)
         elif p.is_file():
             files.append(p)
         else:

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reed.config import Config
-from reed.data.protein import X_ID, ProteinExample, collate, decode_sequence, token_batches
+from reed.data.protein import ProteinExample, collate, decode_sequence, encode_sequence, token_batches
 from reed.metrics.protein import RecoveryAccumulator, perplexity
 from reed.sampling.masked import sample_masked
 
@@ -78,7 +78,7 @@ def evaluate_split(model, cfg: Config, examples: Sequence[ProteinExample], *, de
     designs = design_sequences(model, cfg, examples, num=num, seed=seed, device=device)
     acc = RecoveryAccumulator()
     for d in designs:
-        acc.update(d["tokens"][None], torch.tensor(_native_tokens(d["native"]))[None], d["mask"][None])
+        acc.update(d["tokens"][None], torch.from_numpy(encode_sequence(d["native"]))[None], d["mask"][None])
     res = dict(acc.compute())
     process = build_process(cfg)
     was_training = model.training
@@ -99,12 +99,6 @@ def evaluate_split(model, cfg: Config, examples: Sequence[ProteinExample], *, de
     if fasta is not None:
         write_fasta(designs, fasta)
     return {k: (int(v) if k.startswith("num_") else float(v)) for k, v in res.items()}
-
-
-def _native_tokens(seq: str) -> list[int]:
-    from reed.data.protein import encode_sequence
-
-    return encode_sequence(seq).tolist()
 
 
 def write_fasta(designs: Sequence[dict], path: str | Path, sources: dict[str, str] | None = None) -> Path:
@@ -152,4 +146,4 @@ def read_fasta(path: str | Path) -> list[dict]:
     return records
 
 
-__all__ = ["design_sequences", "evaluate_split", "write_fasta", "read_fasta", "X_ID"]
+__all__ = ["design_sequences", "evaluate_split", "write_fasta", "read_fasta"]

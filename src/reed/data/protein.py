@@ -218,7 +218,8 @@ def merge_chains(examples: Sequence[ProteinExample], name: str) -> ProteinExampl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _structure_kind(path: Path) -> str | None:
+def structure_kind(path: Path) -> str | None:
+    """``"pdb"`` or ``"cif"`` for a structure file name (also ``.gz``), None for anything else."""
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -239,7 +240,7 @@ def _read_atoms(path: Path):
     import biotite.structure.io.pdb as pdb
     import biotite.structure.io.pdbx as pdbx
 
-    kind = _structure_kind(path)
+    kind = structure_kind(path)
     if kind is None:
         raise DataError(f"{path}: unknown structure file type (expected one of {', '.join(STRUCTURE_SUFFIXES)}[.gz])")
     if not path.is_file():
@@ -551,7 +552,7 @@ class ProteinDataset:
         if not root.is_dir():
             raise DataError(f"{root}: structure directory not found")
         files = sorted(
-            (p for p in root.iterdir() if _structure_kind(p) is not None and p.is_file()), key=lambda p: p.name
+            (p for p in root.iterdir() if structure_kind(p) is not None and p.is_file()), key=lambda p: p.name
         )
         examples: list[ProteinExample] = []
         skipped: list[tuple[str, str]] = []

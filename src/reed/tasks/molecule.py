@@ -64,7 +64,7 @@ def build_flow(cfg: Config, num_atom_types: int) -> MoleculeFlow:
                                       "charges": p.w_charges})
 
 
-def model_fn(model, coord_scale: float = 1.0):
+def model_fn(model):
     """The sampler's view of a denoiser: (x_t, types_t, bonds_t, t, mask, self_cond) -> prediction dict."""
 
     def fn(x, types, bonds, t, mask, sc):
