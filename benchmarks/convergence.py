@@ -2,7 +2,7 @@
 
 Trains ``sit``, ``repa`` and ``reed`` with the same model, data, budget and seeds (the embedded digits demo config by
 default), evaluates the EMA model at regular steps with the in-domain evaluator (Fréchet distance in a digits
-classifier's feature space, and class accuracy of class-conditional samples; :mod:`reed.metrics.indomain`), and
+classifier's feature space, and class accuracy of class-conditional samples; :mod:`reed.image.metrics.indomain`), and
 reports quality vs step, the steps each method needs to reach SiT's final quality, and the resulting speed-ups.
 A curriculum study (REED with other diffusion warm-up lengths and a decaying alignment weight) runs alongside.
 
@@ -45,7 +45,7 @@ def study_variants(steps: int) -> dict[str, list[str]]:
 @torch.no_grad()
 def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, device: str) -> list[dict]:
     from reed.checkpoint import list_checkpoints
-    from reed.generate import load_denoiser
+    from reed.image.generate import load_denoiser
     from reed.sampling import sample
 
     out = []
@@ -195,8 +195,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from reed.config import load_config
-    from reed.data.images import load_dataset
-    from reed.metrics.indomain import evaluator_for
+    from reed.image.data import load_dataset
+    from reed.image.metrics.indomain import evaluator_for
     from reed.train import train
 
     steps = args.steps or (600 if args.quick else 1500)

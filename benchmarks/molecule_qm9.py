@@ -49,8 +49,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_flush_denormal(True)
-    from reed.cli_molecule import fit_encoders
     from reed.config import load_config
+    from reed.molecule.cli import fit_encoders
     from reed.train import train
 
     work, out = Path(args.work), Path(args.out)

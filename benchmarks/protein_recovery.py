@@ -3,7 +3,7 @@
 Trains the baseline (``objective.method=baseline``) and REED with the same network, data, epochs and seeds from one
 protein recipe, designs sequences for the validation (and training) chains every ``--eval-every`` epochs with the
 run's sampler, and plots recovery against epoch. Targets are ESM-2 per-residue embeddings and attention maps
-written once by :func:`reed.targets.protein.embed_proteins_esm2` into a protein target store.
+written once by :func:`reed.protein.targets.embed_proteins_esm2` into a protein target store.
 
 Offline (this repository's CI machines) no pretrained ESM-2 can be downloaded: without ``--esm`` the script saves a
 *randomly initialised* ESM-2-architecture model and uses its representations — an untrained sequence encoder, so
@@ -65,8 +65,8 @@ def method_overrides(method: str, epochs: int) -> list[str]:
 def train_eval(cfg, run: Path, train_examples, train_recovery: bool, total_steps: int) -> list[dict]:
     """Train ``cfg`` into ``run`` (its in-training evaluation designs the validation chains) and, with
     ``train_recovery``, add the training chains' recovery at every checkpoint. A finished run is reused."""
-    from reed.design import evaluate_split
-    from reed.generate import load_denoiser
+    from reed.image.generate import load_denoiser
+    from reed.protein.design import evaluate_split
     from reed.train import train
 
     done = run / "checkpoints" / f"step_{total_steps:07d}"
@@ -98,8 +98,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from reed.config import load_config
-    from reed.targets.protein import embed_proteins_esm2, save_random_esm2
-    from reed.tasks.protein import load_splits
+    from reed.protein.targets import embed_proteins_esm2, save_random_esm2
+    from reed.protein.task import load_splits
 
     epochs = 40 if args.quick else args.epochs
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -120,7 +120,7 @@ def main() -> None:
     examples = [e for s in ("train", "valid", "test") for e in splits[s].examples]
     embed_proteins_esm2([e.name for e in examples], [e.sequence for e in examples], store, model=esm,
                         progress=False)
-    from reed.tasks.epochs import EpochBatches
+    from reed.epochs import EpochBatches
 
     results: list[dict] = []
     spe_by_seed, splits_by_seed = {}, {}

@@ -54,7 +54,7 @@ def make_data(tmp: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         g = (img / 16 * 255).astype(np.uint8)
         Image.fromarray(np.stack([g] * 3, -1)).resize((64, 64), Image.BICUBIC).save(folder / f"{i:05d}.png")
-    from reed.data.prepare import prepare_images
+    from reed.image.prepare import prepare_images
 
     prepare_images(src, tmp / "images", resolution=64, shard_size=1000, progress=False)
     return tmp / "images"
@@ -92,7 +92,7 @@ def main() -> None:
                 f"train.cache_dir={tmp / 'cache'}"]
         cfg_path = str(ROOT / "configs" / "demo.yaml")
         from reed.config import load_config
-        from reed.targets.embed import embed_target
+        from reed.image.targets.embed import embed_target
 
         cfg = load_config(cfg_path, [*base, f"targets=[{target}]"])
         t0 = time.perf_counter()

@@ -33,10 +33,10 @@ import json, resource, sys, time, torch
 spec = json.loads(sys.argv[1])
 torch.set_flush_denormal(True)
 from reed.config import load_config
-from reed.tasks.image import build_objective, build_sit_denoiser as build_denoiser, resolve_model_config
+from reed.image.task import build_objective, build_sit_denoiser as build_denoiser, resolve_model_config
 from reed.objective import ReedModule
-from reed.data.images import load_dataset
-from reed.targets.prepare import prepare_targets
+from reed.image.data import load_dataset
+from reed.image.targets.prepare import prepare_targets
 from dataclasses import replace
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 cfg = load_config(spec["config"], spec["overrides"])

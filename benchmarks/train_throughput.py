@@ -90,8 +90,8 @@ def main() -> None:
     base = [f"train.steps={args.steps}", "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=10",
             "train.progress=false", *args.overrides]
     from reed.config import load_config
-    from reed.data.images import load_dataset
-    from reed.targets.prepare import prepare_targets
+    from reed.image.data import load_dataset
+    from reed.image.targets.prepare import prepare_targets
 
     cfg = load_config(args.config, base)
     prepare_targets(cfg.targets, load_dataset(cfg.data), cfg.train.cache_dir, progress=False)  # cache once

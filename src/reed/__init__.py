@@ -5,7 +5,7 @@ One training step, whatever the domain::
     loss = w_gen(step) * generative_loss + w_align(step) * sum_k c_k * s_k(t) * align_k(project_k(h_{d_k}), z_k)
 
 Modules: :mod:`reed.curriculum` (weight schedules), :mod:`reed.align` (projectors, cosine losses),
-:mod:`reed.processes.flow` (interpolants), :mod:`reed.objective`, :mod:`reed.models.sit`,
+:mod:`reed.processes.flow` (interpolants), :mod:`reed.objective`, :mod:`reed.image.sit`,
 :mod:`reed.sampling` (ODE/SDE samplers), :mod:`reed.train` (trainer), :mod:`reed.config`.
 """
 

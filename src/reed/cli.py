@@ -36,12 +36,12 @@ def cmd_show_config(args) -> int:
 def cmd_fit_encoder(args) -> int:
     import torch
 
-    from reed.data.images import load_dataset
-    from reed.targets.fitted_encoder import fit_encoder, linear_probe_accuracy, save_encoder
+    from reed.image.data import load_dataset
+    from reed.image.targets.fitted_encoder import fit_encoder, linear_probe_accuracy, save_encoder
 
     cfg = _load(args)
     if cfg.domain == "molecule":
-        from reed.cli_molecule import fit_encoders
+        from reed.molecule.cli import fit_encoders
 
         return fit_encoders(cfg, force=args.force)
     todo = [t for t in cfg.targets if t.source == "fitted_encoder"]
@@ -72,8 +72,8 @@ def cmd_fit_encoder(args) -> int:
 
 
 def cmd_prepare_targets(args) -> int:
-    from reed.data.images import load_dataset
-    from reed.targets.prepare import prepare_targets
+    from reed.image.data import load_dataset
+    from reed.image.targets.prepare import prepare_targets
 
     cfg = _load(args)
     ds = load_dataset(cfg.data)
@@ -106,20 +106,20 @@ def _run_domain(run: str) -> str:
 
 
 def cmd_embed_protein(args) -> int:
-    from reed.cli_protein import embed_protein
+    from reed.protein.cli import embed_protein
 
     return embed_protein(args)
 
 
 def cmd_sample(args) -> int:
-    from reed.generate import generate
+    from reed.image.generate import generate
 
     domain = _run_domain(args.run)
     if domain == "molecule":
         import torch
 
-        from reed.cli_molecule import sample as sample_molecules
-        from reed.generate import load_denoiser
+        from reed.image.generate import load_denoiser
+        from reed.molecule.cli import sample as sample_molecules
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
@@ -127,8 +127,8 @@ def cmd_sample(args) -> int:
     if domain == "protein":
         import torch
 
-        from reed.cli_protein import sample_protein
-        from reed.generate import load_denoiser
+        from reed.image.generate import load_denoiser
+        from reed.protein.cli import sample_protein
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
@@ -158,7 +158,7 @@ def _process() -> tuple[int, int, object]:
 
 
 def cmd_embed(args) -> int:
-    from reed.targets.embed import embed_target
+    from reed.image.targets.embed import embed_target
 
     cfg = _load(args)
     rank, world, st = _process()
@@ -176,7 +176,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from reed.data.prepare import prepare_images, prepare_latents
+    from reed.image.prepare import prepare_images, prepare_latents
 
     rank, world, _ = _process()
     if args.what == "images":
@@ -195,14 +195,14 @@ def cmd_prepare(args) -> int:
 
 
 def _image_source(images_dir: str):
-    from reed.data.shards import ImageShards
+    from reed.image.shards import ImageShards
 
     shards = ImageShards(images_dir)
     return shards, (lambda idx: shards.images(idx))
 
 
 def cmd_caption(args) -> int:
-    from reed.targets.vlm import caption_images
+    from reed.image.targets.vlm import caption_images
 
     shards, fn = _image_source(args.images)
     rank, world, _ = _process()
@@ -217,8 +217,8 @@ def cmd_embed_text(args) -> int:
     """Caption embeddings (sentence encoder, or (image, caption) through a VLM) into a target store."""
     import numpy as np
 
-    from reed.targets.store import TargetStoreWriter
-    from reed.targets.vlm import embed_captions_vlm, read_captions
+    from reed.image.targets.vlm import embed_captions_vlm, read_captions
+    from reed.store import TargetStoreWriter
 
     captions = read_captions(args.captions)
     shards, images = _image_source(args.images) if args.images else (None, None)
@@ -229,13 +229,13 @@ def cmd_embed_text(args) -> int:
 
     text_encoder = None
     if not args.vlm:
-        from reed.targets.text import SentenceEncoder, resolve_text_encoder
+        from reed.image.targets.text import SentenceEncoder, resolve_text_encoder
 
         text_encoder = SentenceEncoder.from_pretrained(resolve_text_encoder(args.encoder), device=args.device)
 
     def rows(idx):
         caps = [captions[i] for i in idx]
-        if text_encoder is None:  # the VLM is loaded once and kept by reed.targets.vlm
+        if text_encoder is None:  # the VLM is loaded once and kept by reed.image.targets.vlm
             return embed_captions_vlm(args.vlm, images(np.asarray(idx)), caps, layer=args.layer,
                                       batch_size=args.batch_size, device=args.device, progress=False)
         return text_encoder.encode(caps, batch_size=args.batch_size)
@@ -270,11 +270,11 @@ def cmd_evaluate(args) -> int:
     samples = Path(args.samples)
     if samples.suffix.lower() in (".sdf", ".npz") and (samples.suffix.lower() == ".sdf"
                                                       or samples.with_suffix(".sdf").is_file()):
-        from reed.cli_molecule import evaluate as evaluate_molecules
+        from reed.molecule.cli import evaluate as evaluate_molecules
 
         return _report(evaluate_molecules(args), args.out)
     if samples.suffix.lower() in (".fasta", ".fa") or (samples.is_dir() and _run_domain(str(samples)) == "protein"):
-        from reed.cli_protein import evaluate_protein_fasta, evaluate_protein_run
+        from reed.protein.cli import evaluate_protein_fasta, evaluate_protein_run
 
         result = evaluate_protein_run(args, samples) if samples.is_dir() else evaluate_protein_fasta(args)
         return _report(result, args.out)
@@ -286,7 +286,7 @@ def cmd_evaluate(args) -> int:
     if not args.ref and not args.run:
         raise ConfigError("reed evaluate needs --ref (reference batch/statistics) and/or --run (in-domain metrics)")
     if args.ref:
-        from reed.metrics.image import evaluate
+        from reed.image.metrics.adm import evaluate
 
         result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
                                       metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
@@ -295,8 +295,8 @@ def cmd_evaluate(args) -> int:
 
         from reed.checkpoint import read_config_text, resolve_checkpoint
         from reed.config import config_from_yaml_text
-        from reed.data.images import load_dataset
-        from reed.metrics.indomain import evaluator_for
+        from reed.image.data import load_dataset
+        from reed.image.metrics.indomain import evaluator_for
 
         ck = resolve_checkpoint(args.run)
         cfg = config_from_yaml_text(read_config_text(ck), str(ck))
@@ -317,7 +317,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from reed.official import import_official
+    from reed.image.official import import_official
 
     ck = import_official(args.checkpoint, args.out, which=args.which, keep_projectors=args.keep_projectors,
                          num_heads=args.num_heads, vae=args.vae, latents=args.latents)

@@ -280,7 +280,7 @@ class MoleculeDataConfig:
 
 @dataclass
 class MoleculeModelConfig:
-    """Equivariant denoiser (:mod:`reed.models.molecule`); explicit fields override the preset."""
+    """Equivariant denoiser (:mod:`reed.molecule.nets`); explicit fields override the preset."""
 
     preset: Literal["semla", "semla-small", "egnn", "egnn-small"] = "semla"
     hidden: int | None = None
@@ -289,7 +289,7 @@ class MoleculeModelConfig:
 
 @dataclass
 class MoleculeProcessConfig:
-    """Equivariant flow matching (:mod:`reed.processes.equivariant`)."""
+    """Equivariant flow matching (:mod:`reed.molecule.flow`)."""
 
     coord_noise: float = 0.2
     ot: Literal["equivariant", "none"] = "equivariant"
@@ -305,7 +305,7 @@ class MoleculeProcessConfig:
 
 @dataclass
 class MoleculeSampleConfig:
-    """Sampling (:func:`reed.sampling.molecule.sample_molecules`)."""
+    """Sampling (:func:`reed.molecule.sampling.sample_molecules`)."""
 
     steps: int = 100
     grid: Literal["log", "linear"] = "log"

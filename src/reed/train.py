@@ -1,6 +1,6 @@
 """The trainer: HF Accelerate loop with AdamW, clipping, accumulation, mixed precision, EMA, checkpoints, logs.
 
-The loop is domain-agnostic: a task (:mod:`reed.tasks`, chosen by ``cfg.domain``) supplies the data, the
+The loop is domain-agnostic: a task (:mod:`reed.domains`, chosen by ``cfg.domain``) supplies the data, the
 denoiser, the objective, the micro-batches and the in-training evaluation.
 
 Run directory::
@@ -43,12 +43,12 @@ from reed.checkpoint import (
     save_checkpoint,
 )
 from reed.config import Config, config_from_yaml_text, dump_config, to_dict
+from reed.domains import build_denoiser, get_task
 from reed.ema import EMA
 from reed.errors import ConfigError, NonFiniteLossError
+from reed.image.task import align_terms, build_objective, preview_samples, resolve_model_config
 from reed.objective import ReedModule
 from reed.plots import plot_loss_curve
-from reed.tasks import build_denoiser, get_task
-from reed.tasks.image import align_terms, build_objective, preview_samples, resolve_model_config
 
 __all__ = ["train", "TrainResult", "build_denoiser", "build_objective", "resolve_model_config", "align_terms",
            "preview_samples", "config_differences"]

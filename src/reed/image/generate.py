@@ -1,0 +1,161 @@
+"""Generate samples from a trained run: ADM-layout ``.npz`` (``arr_0`` uint8 (N,H,W,C), ``arr_1`` labels),
+a PNG grid and a JSON record of every sampling setting."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from reed.checkpoint import load_into, load_weights, read_config_text, resolve_checkpoint
+from reed.config import config_from_yaml_text
+from reed.errors import CheckpointError
+from reed.image.data import to_uint8
+from reed.plots import save_image_grid
+from reed.processes.flow import FlowProcess
+from reed.sampling.samplers import sample as run_sampler
+
+
+def load_denoiser(run_or_ckpt: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
+    """(denoiser in eval mode, config, checkpoint dir) from a run directory or a checkpoint directory."""
+    from reed.domains import build_denoiser
+
+    ckpt = resolve_checkpoint(run_or_ckpt)
+    cfg = config_from_yaml_text(read_config_text(ckpt), str(ckpt))
+    model = build_denoiser(cfg)
+    if use_ema:
+        load_into(model, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
+    else:
+        w = load_weights(ckpt, "model")
+        load_into(model, {k[len("denoiser."):]: v for k, v in w.items() if k.startswith("denoiser.")},
+                  str(ckpt / "model.safetensors"))
+    return model.to(device).eval().requires_grad_(False), cfg, ckpt
+
+
+class LatentDecoder:
+    """Latents (B,C,h,w) -> images (B,3,H,W) in [-1,1] via a diffusers AutoencoderKL: x = D((z - shift)/scale)."""
+
+    def __init__(self, vae: str, scale: float, shift: float, device: torch.device):
+        from reed.image.prepare import load_vae
+
+        self.vae, self.name, _ = load_vae(vae, device)
+        self.scale, self.shift = scale, shift
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode((z.float() - self.shift) / self.scale).sample.clamp(-1, 1)
+
+
+def latent_decoder(cfg, ckpt: Path, vae: str | None, device: torch.device) -> LatentDecoder | None:
+    """The VAE decoder for a latent-space run: ``vae`` if given, else the one recorded with the run's latents or
+    the imported checkpoint; None for pixel-space runs."""
+    if cfg.data.name != "latents":
+        return None
+    scale, shift, recorded = 0.18215, 0.0, None
+    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
+        man = json.loads((Path(cfg.data.path) / "manifest.json").read_text())
+        scale, shift, recorded = float(man.get("scale", scale)), float(man.get("shift", shift)), man.get("vae")
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    recorded = recorded or state.get("extra", {}).get("vae")
+    chosen = vae or recorded
+    if not chosen:
+        raise CheckpointError(f"{ckpt} is a latent-space model: pass --vae (a diffusers AutoencoderKL dir or hub id) "
+                              "to decode its samples")
+    return LatentDecoder(chosen, scale, shift, device)
+
+
+def _labels(num: int, k: int, policy: str, seed: int) -> torch.Tensor:
+    """Labels (num,): ``balanced`` = i mod K; ``random`` = uniform, a pure function of ``seed``."""
+    if policy == "balanced":
+        return torch.arange(num) % k
+    if policy == "random":
+        return torch.randint(0, k, (num,), generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"labels must be 'balanced' or 'random', got {policy!r}")
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    return seed * 1_000_003 + chunk
+
+
+@torch.no_grad()
+def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None, sampler: str | None = None,
+             steps: int | None = None, cfg_scale: float | None = None,
+             guidance: tuple[float | None, float | None] = (None, None), seed: int = 0, batch_size: int = 256,
+             use_ema: bool = True, labels: str = "balanced", device: str | None = None,
+             progress: bool = True, vae: str | None = None, process_index: int = 0, num_processes: int = 1,
+             barrier=None, keep_parts: bool = False) -> dict:
+    """Sample ``num`` images into an ADM-layout ``.npz``; settings default to the run's ``sample`` config.
+
+    Work is cut into chunks of ``batch_size`` samples; chunk c uses noise seeded by (seed, c) and is done by process
+    ``c % num_processes`` (``accelerate launch``), written atomically to ``<out>.parts/``, and skipped when a rerun
+    finds it: an interrupted job resumes, and the result does not depend on the number of processes. After
+    ``barrier()``, process 0 packs the first ``num`` samples (``arr_0`` uint8 (N,H,W,C), ``arr_1`` labels), a PNG grid
+    and a JSON record of every setting. Returns that record (process 0) or this process's report.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
+    model, cfg, ckpt = load_denoiser(run_or_ckpt, use_ema=use_ema, device=dev)
+    sc = cfg.sample
+    settings = {
+        "sampler": sampler or sc.sampler, "steps": steps or sc.steps,
+        "cfg_scale": sc.cfg_scale if cfg_scale is None else cfg_scale,
+        "guidance_low": sc.guidance_low if guidance[0] is None else guidance[0],
+        "guidance_high": sc.guidance_high if guidance[1] is None else guidance[1],
+    }
+    k = cfg.model.num_classes
+    ys = _labels(num, k, labels, seed)
+    c, s = cfg.model.in_channels, cfg.model.input_size
+    decoder = latent_decoder(cfg, ckpt, vae, dev)
+    out = Path(out) if out else Path(run_or_ckpt) / "samples.npz"
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    job = {"checkpoint": str(ckpt), "num": num, "batch_size": batch_size, "labels": labels, "seed": seed,
+           "weights": "ema" if use_ema else "raw", **settings}
+    job_file = parts / "job.json"
+    if job_file.is_file() and json.loads(job_file.read_text()) != job:
+        raise CheckpointError(f"{parts} holds parts of a different sampling job; delete it or choose another --out")
+    if process_index == 0:
+        job_file.write_text(json.dumps(job))
+    n_chunks = (num + batch_size - 1) // batch_size
+    mine = [ch for ch in range(n_chunks) if ch % num_processes == process_index]
+    todo = [ch for ch in mine if not (parts / f"chunk_{ch:06d}.npy").is_file()]
+    for ch in tqdm(todo, disable=not progress, desc=f"sample [{process_index}/{num_processes}]"):
+        lo, hi = ch * batch_size, min((ch + 1) * batch_size, num)
+        g = torch.Generator().manual_seed(_chunk_seed(seed, ch))
+        y = ys[lo:hi].to(dev)
+        noise = torch.randn(hi - lo, c, s, s, generator=g).to(dev)
+        sde_gen = torch.Generator(device=dev).manual_seed(_chunk_seed(seed, ch) + 1)
+        x = run_sampler(lambda xx, tt, yy: model(xx, tt, yy)[0], noise, y, sampler=settings["sampler"],
+                        steps=settings["steps"], null_class=model.null_class, cfg_scale=settings["cfg_scale"],
+                        guidance=(settings["guidance_low"], settings["guidance_high"]),
+                        process=FlowProcess(cfg.process.path), generator=sde_gen)
+        imgs = to_uint8(decoder(x) if decoder is not None else x)
+        tmp = parts / f".chunk_{ch:06d}.tmp-{os.getpid()}.npy"
+        np.save(tmp, imgs)
+        os.replace(tmp, parts / f"chunk_{ch:06d}.npy")
+    if barrier is not None:
+        barrier()
+    if process_index != 0:
+        return {"chunks_done": len(todo), "chunks_skipped": len(mine) - len(todo)}
+    missing = [ch for ch in range(n_chunks) if not (parts / f"chunk_{ch:06d}.npy").is_file()]
+    if missing:
+        raise CheckpointError(f"sampling chunks {missing[:8]} are missing in {parts}; rerun to complete them")
+    images = np.concatenate([np.load(parts / f"chunk_{ch:06d}.npy") for ch in range(n_chunks)])[:num]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, arr_0=images, arr_1=ys.numpy().astype(np.int64))
+    tmp.replace(out)
+    grid = save_image_grid(images[: min(num, 100)], out.with_suffix(".png"), nrow=k if k <= 16 else None)
+    record = {"num": int(num), "npz": str(out), "grid": str(grid), "checkpoint": str(ckpt),
+              "weights": "ema" if use_ema else "raw", "labels": labels, "seed": seed, "batch_size": batch_size,
+              "num_processes": num_processes, "vae": decoder.name if decoder is not None else None, **settings}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    if not keep_parts:
+        import shutil
+
+        shutil.rmtree(parts, ignore_errors=True)
+    return record

@@ -1,0 +1,1 @@
+"""reed.image.metrics."""

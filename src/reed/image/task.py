@@ -1,0 +1,160 @@
+"""The image domain for the trainer: SiT on pixels or VAE latents, flow process, image targets, preview grids."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from reed.config import Config, to_dict
+from reed.errors import ConfigError
+from reed.image.data import batch_indices, load_dataset, to_uint8
+from reed.image.sit import SiT, build_sit, drop_labels
+from reed.image.targets.prepare import prepare_targets
+from reed.objective import AlignTerm, Curriculum, Objective, ReedModule, active_terms
+from reed.plots import save_image_grid
+from reed.processes.flow import FlowProcess
+from reed.sampling.samplers import sample as run_sampler
+
+
+def resolve_model_config(cfg: Config, ds) -> Config:
+    """Fill model.input_size / in_channels / num_classes from the data set; error if they contradict it."""
+    c, h, w = ds.shape
+    if h != w:
+        raise ConfigError(f"images must be square for SiT, got {h}x{w}")
+    m = cfg.model
+    for key, have in (("input_size", h), ("in_channels", c)):
+        val = getattr(m, key)
+        if val is not None and val != have:
+            raise ConfigError(f"config key 'model.{key}' is {val} but the data set '{ds.name}' has {have}")
+    if m.num_classes is not None and m.num_classes < ds.num_classes:
+        raise ConfigError(f"config key 'model.num_classes' is {m.num_classes} but the data have {ds.num_classes} "
+                          "classes")
+    m = replace(m, input_size=h, in_channels=c, num_classes=m.num_classes or ds.num_classes)
+    return replace(cfg, model=m)
+
+
+def build_sit_denoiser(cfg: Config) -> SiT:
+    """The SiT described by ``cfg.model`` (input_size/in_channels/num_classes must be resolved)."""
+    m = cfg.model
+    over = {k: v for k, v in to_dict(m).items() if k != "preset" and v is not None}
+    try:
+        return build_sit(m.preset, **over)
+    except ValueError as e:
+        raise ConfigError(f"model config: {e}") from None
+
+
+def align_terms(cfg: Config) -> list[AlignTerm]:
+    """Alignment terms of the config (target ``dim`` must be resolved)."""
+    return [AlignTerm(name=t.name, dim=int(t.dim or 0), depth=t.depth, kind=t.kind, coeff=t.coeff,
+                      time_weight=t.time_weight, cutoffs=tuple(t.cutoffs), modality=t.modality,
+                      projector_dim=t.projector_dim, projector_layers=t.projector_layers,
+                      standardize=t.standardize) for t in cfg.targets]
+
+
+def curriculum(cfg: Config, steps_per_unit: int = 1) -> Curriculum:
+    """The config's curriculum; for ``unit: epoch`` counts are epochs of ``steps_per_unit`` steps."""
+    c = cfg.objective.curriculum
+    unit = steps_per_unit if c.unit == "epoch" else 1
+    total = max(cfg.train.steps // unit, 1)
+    return Curriculum(gen_start=c.gen_start, gen_warmup=c.gen_warmup, gen_decay=c.gen_decay,
+                      align_decay=c.align_decay, align_steps=c.align_steps, total=total, steps_per_unit=unit)
+
+
+def build_objective(cfg: Config) -> Objective:
+    p = cfg.process
+    process = FlowProcess(p.path, p.time_sampling, p.lognormal_mean, p.lognormal_std)
+    return Objective(process, align_terms(cfg), method=cfg.objective.method, proj_coeff=cfg.objective.proj_coeff,
+                     curriculum=curriculum(cfg))
+
+
+def check_depths(cfg: Config, depth: int) -> None:
+    for i, t in enumerate(cfg.targets):
+        if not isinstance(t.depth, int):
+            raise ConfigError(f"config key 'targets.{i}.depth' must be a block index for SiT, got {t.depth!r}")
+        if t.depth > depth:
+            raise ConfigError(f"config key 'targets.{i}.depth' is {t.depth} but the model has only {depth} blocks")
+
+
+@torch.no_grad()
+def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, seed: int) -> torch.Tensor:
+    """Class-balanced samples (num,C,H,W) in [-1,1] from ``denoiser`` in eval mode with fixed noise and labels."""
+    was_training = denoiser.training
+    denoiser.eval()
+    g = torch.Generator().manual_seed(seed)
+    c, s = cfg.model.in_channels, cfg.model.input_size
+    noise = torch.randn(num, c, s, s, generator=g).to(device)
+    y = (torch.arange(num) % cfg.model.num_classes).to(device)
+    sc = cfg.sample
+    out = run_sampler(lambda x, t, yy: denoiser(x, t, yy)[0], noise, y, sampler=sc.sampler, steps=sc.steps,
+                      null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
+                      guidance=(sc.guidance_low, sc.guidance_high),
+                      process=FlowProcess(cfg.process.path),
+                      generator=torch.Generator(device=device).manual_seed(seed + 1))
+    denoiser.train(was_training)
+    return out.float().clamp(-1, 1)
+
+
+class ImageTask:
+    """Class-conditional image generation (SiT + flow). See :class:`reed.domains.Task` for the interface."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def setup(self, *, device: torch.device, main_process_first, progress: bool, world: int = 1) -> Config:
+        cfg = self.cfg
+        self.ds = load_dataset(cfg.data)
+        cfg = resolve_model_config(cfg, self.ds)
+        active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
+        terms_cfg = [t for t in cfg.targets if t.name in active]  # sit needs no targets, repa only image ones
+        with main_process_first():
+            self.targets = prepare_targets(terms_cfg, self.ds, cfg.train.cache_dir, progress=progress, device=device)
+        cfg = replace(cfg, targets=[replace(t, dim=int(self.targets[t.name].dim)) if t.name in self.targets else t
+                                    for t in cfg.targets])
+        tc = cfg.train
+        if tc.batch_size % (world * tc.grad_accum):
+            raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
+                              f"({world} x {tc.grad_accum})")
+        self.cfg = cfg
+        return cfg
+
+    def build_denoiser(self) -> SiT:
+        den = build_sit_denoiser(self.cfg)
+        check_depths(self.cfg, den.depth)
+        return den
+
+    def build_objective(self) -> Objective:
+        return build_objective(self.cfg)
+
+    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
+        """The ``grad_accum`` micro-batches (x0, y, targets) of this process at ``step``."""
+        tc = self.cfg.train
+        micro = tc.batch_size // world // tc.grad_accum
+        idx = batch_indices(step, len(self.ds), tc.batch_size, self.cfg.seed)[rank::world]
+        for k in range(tc.grad_accum):
+            sl = idx[k * micro : (k + 1) * micro]
+            x0, y = self.ds.batch(sl, generator=generator, device=device)
+            z = {name: t.get(sl).to(device, non_blocking=True) for name, t in self.targets.items()}
+            yield x0, y, z
+
+    def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):
+        x0, y, z = batch
+        null_class = self.cfg.model.num_classes
+        y = drop_labels(y, self.cfg.process.label_dropout, null_class, generator)
+        return objective(module, x0, y, z, step, generator=generator)
+
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.train.sample_every
+        return every > 0 and (done % every == 0 or done == 1)
+
+    def evaluate(self, model: SiT, run_dir: Path, step: int, device: torch.device) -> dict:
+        """Preview grid of EMA samples at ``step``; returns no metrics."""
+        cfg = self.cfg
+        x = preview_samples(model, cfg, cfg.train.num_preview, device, cfg.seed)
+        nrow = cfg.model.num_classes if cfg.model.num_classes <= 16 else None
+        save_image_grid(to_uint8(x), run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
+        return {}
+
+    def title(self) -> str:
+        return f"{self.cfg.objective.method}: {self.cfg.model.preset}"

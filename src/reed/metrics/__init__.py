@@ -1,1 +1,0 @@
-"""Metrics: Fréchet distances, image metrics (FID, sFID, IS, precision/recall, FD_DINOv2), in-domain evaluators."""

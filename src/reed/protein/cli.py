@@ -1,0 +1,177 @@
+"""The protein side of the ``reed`` command: ``embed-protein``, and ``sample`` / ``evaluate`` for protein runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from reed.errors import ConfigError, DataError
+
+
+def _structure_files(paths: list[str]) -> list[Path]:
+    from reed.protein.data import structure_kind
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and structure_kind(f) is not None)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"structure file or directory not found: {p}")
+    if not files:
+        raise DataError(f"no PDB/mmCIF files in {paths}")
+    return files
+
+
+def load_structures(paths: list[str], *, mode: str = "chain", chains: list[str] | None = None):
+    """(examples, {example name: source file}) parsed from files/directories."""
+    from reed.protein.data import merge_chains, parse_structure
+
+    examples, sources = [], {}
+    for f in _structure_files(paths):
+        exs = parse_structure(f, chains=chains)
+        if mode == "complex" and len(exs) > 1:
+            exs = [merge_chains(exs, name=f.name.split(".")[0])]
+        for e in exs:
+            examples.append(e)
+            sources[e.name] = str(f.resolve())
+    return examples, sources
+
+
+def sample_protein(args, model, cfg, device: str) -> int:
+    """``reed sample RUN --structures ...``: design sequences for the given backbones, FASTA out."""
+    from reed.protein.design import design_sequences, write_fasta
+
+    if not args.structures:
+        raise ConfigError("this is a protein run: give the backbones to design for with --structures FILE/DIR ...")
+    examples, sources = load_structures(args.structures, mode=cfg.protein.data.mode, chains=args.chains)
+    designs = design_sequences(model, cfg, examples, num=args.num, steps=args.steps, temperature=args.temperature,
+                               order=args.order, seed=args.seed, device=device, progress=True)
+    out = Path(args.out or Path(args.run) / "designs.fasta")
+    write_fasta(designs, out, sources)
+    rec = [d["recovery"] for d in designs]
+    print(f"wrote {len(designs)} designs for {len(examples)} chains to {out} "
+          f"(recovery vs native: mean {sum(rec) / len(rec):.3f})")
+    return 0
+
+
+def evaluate_protein_fasta(args) -> dict:
+    """Recovery of the designs in a FASTA written by ``reed sample`` against their native structures; optional
+    ESMFold refolding (``--refold``)."""
+    import numpy as np
+    import torch
+
+    from reed.protein.data import encode_sequence, parse_structure
+    from reed.protein.design import read_fasta
+    from reed.protein.metrics import RecoveryAccumulator
+
+    records = read_fasta(args.samples)
+    natives: dict[str, object] = {}
+    acc = RecoveryAccumulator()
+    designs, native_ca, masks = [], [], []
+    for r in records:
+        src = r["fields"].get("source")
+        if r["name"] not in natives:
+            if not src:
+                raise DataError(f"{args.samples}: record '{r['name']}' has no source=<structure file> in its header")
+            found = {e.name: e for e in parse_structure(src)}
+            if r["name"] not in found:
+                raise DataError(f"{args.samples}: chain '{r['name']}' not found in {src} (has {sorted(found)})")
+            natives[r["name"]] = found[r["name"]]
+        nat = natives[r["name"]]
+        if len(r["sequence"]) != len(nat.sequence):
+            raise DataError(f"{args.samples}: design '{r['name']}' has {len(r['sequence'])} residues, the native "
+                            f"chain in {src} has {len(nat.sequence)}")
+        m = torch.from_numpy(nat.residue_mask)
+        acc.update(torch.from_numpy(encode_sequence(r["sequence"]))[None],
+                   torch.from_numpy(encode_sequence(nat.sequence))[None], m[None])
+        designs.append(r["sequence"])
+        native_ca.append(np.asarray(nat.coords[:, 1]))
+        masks.append(nat.residue_mask)
+    result: dict = {"designs": str(args.samples), "num_designs": len(records), **acc.compute()}
+    if args.refold:
+        from reed.protein.metrics import ESMFoldRefolder, refold_metrics
+
+        refolder = ESMFoldRefolder(args.refold, device="cuda" if torch.cuda.is_available() else "cpu")
+        result["refold"] = refold_metrics(designs, native_ca, masks, refolder)
+    return result
+
+
+def evaluate_protein_run(args, run: Path) -> dict:
+    """Design and score a split of a protein run's data (``reed evaluate RUN --split test``)."""
+    import torch
+
+    from reed.image.generate import load_denoiser
+    from reed.protein.design import evaluate_split
+    from reed.protein.task import load_splits
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg, ckpt = load_denoiser(run, use_ema=True, device=device)
+    split = args.split or "test"
+    examples = load_splits(cfg)[split].examples
+    if not examples:
+        raise DataError(f"the '{split}' split of {cfg.protein.data.path} is empty")
+    fasta = Path(args.out).with_suffix(".fasta") if args.out else run / f"designs_{split}.fasta"
+    res = evaluate_split(model, cfg, examples, device=device, seed=args.seed, fasta=fasta)
+    return {"run": str(run), "checkpoint": str(ckpt), "split": split, "num_proteins": len(examples),
+            "designs": str(fasta), **res}
+
+
+def read_chain_clusters(list_csv: Path) -> dict[str, str]:
+    """CHAINID -> CLUSTER from ProteinMPNN's ``list.csv``."""
+    if not list_csv.is_file():
+        raise DataError(f"cluster list not found: {list_csv}")
+    with list_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "CHAINID" not in rows[0] or "CLUSTER" not in rows[0]:
+        raise DataError(f"{list_csv} must have CHAINID and CLUSTER columns")
+    return {r["CHAINID"]: r["CLUSTER"] for r in rows}
+
+
+def embed_protein(args) -> int:
+    """``reed embed-protein CONFIG --source esm2|af3 --out STORE``: targets for every example of the run's data."""
+    from reed.config import load_config
+    from reed.protein.task import load_splits
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.domain != "protein":
+        raise ConfigError(f"{args.config} is not a protein config (domain: {cfg.domain})")
+    splits = load_splits(cfg, progress=True)
+    examples = [e for s in ("train", "valid", "test") for e in splits[s].examples]
+    names, seqs = [e.name for e in examples], [e.sequence for e in examples]
+    if args.source == "esm2":
+        from reed.protein.targets import embed_proteins_esm2
+
+        store = embed_proteins_esm2(names, seqs, args.out, model=args.model, layer=args.layer,
+                                    pair=None if args.pair == "none" else args.pair,
+                                    device=args.device, progress=True)
+    else:
+        from reed.protein.targets import import_af3_embeddings, read_af3_job_sequence
+
+        if not args.af3_dir:
+            raise ConfigError("--source af3 needs --af3-dir (AlphaFold3 output directory)")
+        jobs: dict[str, str]
+        if args.jobs:
+            jobs = json.loads(Path(args.jobs).read_text())
+        elif cfg.protein.data.format == "pdb_2021aug02":
+            clusters = read_chain_clusters(Path(cfg.protein.data.path) / "list.csv")
+            jobs = {n: f"cluster_{clusters[n]}" for n in names if n in clusters}
+        else:
+            raise ConfigError("give --jobs JSON {example name: AF3 job name} for a directory data set")
+        chains, unknown = {}, []
+        for n in names:
+            if n not in jobs:
+                continue
+            folded = read_af3_job_sequence(Path(args.af3_dir) / jobs[n])
+            if folded is None:  # without the folded sequence the arrays cannot be matched to the chain safely
+                unknown.append(jobs[n])
+                continue
+            chains[n] = (jobs[n], folded)
+        if unknown:
+            raise DataError(f"{len(unknown)} AF3 jobs have no <job>_data.json with the folded sequence, e.g. "
+                            f"{unknown[:5]}; keep AlphaFold3's data JSON next to the embeddings")
+        store = import_af3_embeddings(args.af3_dir, args.out, chains=chains, progress=True)
+    print(f"protein targets {store.dims} for {len(store)} examples -> {args.out}")
+    return 0

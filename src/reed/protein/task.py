@@ -1,0 +1,180 @@
+"""The protein inverse-folding domain for the trainer: masked discrete diffusion on a ProteinMPNN-style network,
+aligned to per-residue / pairwise / structure representations from a protein target store.
+
+Batches are token-budget batches (``protein.data.token_budget`` residues, sorted by length and packed, none
+dropped), so an *epoch* is the natural unit: ``train.epochs`` sets the number of steps and the curriculum can be
+given in epochs (``objective.curriculum.unit: epoch``), as in the reference (spec protein.md section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from reed.config import Config
+from reed.epochs import EpochBatches
+from reed.errors import ConfigError, DataError
+from reed.image.task import align_terms, curriculum
+from reed.objective import DenoiserOutput, Objective, ReedModule, active_terms
+from reed.processes.masked import MaskedDiffusion
+from reed.protein.data import ProteinDataset, ProteinExample, collate
+from reed.protein.mpnn import MPNN_PRESETS, MPNNDenoiser, build_mpnn
+from reed.protein.targets import ProteinTargetStore
+
+
+def build_mpnn_denoiser(cfg: Config) -> MPNNDenoiser:
+    """The MPNN denoiser described by ``cfg.protein.model``."""
+    m = cfg.protein.model
+    kw = dict(MPNN_PRESETS[m.preset])
+    for key in ("hidden", "encoder_layers", "decoder_layers", "k_neighbors"):
+        if getattr(m, key) is not None:
+            kw[key] = getattr(m, key)
+    return build_mpnn(**kw, dropout=m.dropout, backbone_noise=m.backbone_noise, learnable_node=m.learnable_node,
+                      update_edge=m.update_edge)
+
+
+def build_process(cfg: Config) -> MaskedDiffusion:
+    p = cfg.protein.process
+    return MaskedDiffusion(parameterization=p.parameterization, label_smoothing=p.label_smoothing, min_t=p.min_t,
+                           loss_norm=p.loss_norm)
+
+
+def load_splits(cfg: Config, progress: bool = False) -> dict[str, ProteinDataset]:
+    """{"train", "valid", "test"} data sets of ``cfg.protein.data``."""
+    d = cfg.protein.data
+    if not d.path:
+        raise ConfigError("config key 'protein.data.path' is required (a directory of PDB/mmCIF files or the "
+                          "pdb_2021aug02 root)")
+    if d.format == "pdb_2021aug02":
+        return {s: ProteinDataset.from_pdb_2021aug02(d.path, s, max_length=d.max_length,
+                                                     max_resolution=d.max_resolution, member=d.member,
+                                                     seed=cfg.seed, progress=progress)
+                for s in ("train", "valid", "test")}
+    if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'protein.data.split' must be three fractions summing to 1, got {d.split}")
+    full = ProteinDataset.from_directory(d.path, mode=d.mode, max_length=d.max_length, progress=progress)
+    train, valid, test = full.split(tuple(d.split), seed=cfg.seed, by=d.split_by)
+    return {"train": train, "valid": valid, "test": test}
+
+
+class ProteinTargets:
+    """The alignment targets of a protein run: one (store, array) per term name, batched by example name."""
+
+    def __init__(self, terms_cfg, examples: list[ProteinExample] | None = None):
+        self.items: dict[str, tuple[ProteinTargetStore, str]] = {}
+        stores: dict[str, ProteinTargetStore] = {}
+        for t in terms_cfg:
+            if t.path not in stores:
+                stores[t.path] = ProteinTargetStore(t.path)
+            store, array = stores[t.path], t.array or t.name
+            if array not in store.dims:
+                raise ConfigError(f"target '{t.name}': the store {t.path} has no array '{array}' "
+                                  f"(has: {sorted(store.dims)})")
+            self.items[t.name] = (store, array)
+            if examples is not None:
+                missing = [e.name for e in examples if e.name not in store]
+                if missing:
+                    raise DataError(f"target '{t.name}': {len(missing)} training examples are not in the store "
+                                    f"{t.path}, e.g. {missing[:10]}; run `reed embed-protein` for them")
+
+    def dim(self, name: str) -> int:
+        store, array = self.items[name]
+        return int(store.dims[array])
+
+    def batch(self, examples: list[ProteinExample], max_len: int, device) -> dict[str, torch.Tensor]:
+        names, seqs = [e.name for e in examples], [e.sequence for e in examples]
+        out = {}
+        for name, (store, array) in self.items.items():
+            out[name] = store.batch(names, seqs, [array], max_len)[array].to(device, non_blocking=True)
+        return out
+
+
+class ProteinTask:
+    """Protein inverse folding (masked diffusion + MPNN). See :mod:`reed.domains` for the interface."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def setup(self, *, device: torch.device, main_process_first, progress: bool, world: int = 1) -> Config:
+        cfg = self.cfg
+        self.splits = load_splits(cfg, progress=progress)
+        self.train_set = self.splits["train"]
+        if len(self.train_set) == 0:
+            raise DataError(f"no training proteins in {cfg.protein.data.path}")
+        active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
+        terms_cfg = [t for t in cfg.targets if t.name in active]
+        self.targets = ProteinTargets(terms_cfg, self.train_set.examples)
+        cfg = replace(cfg, targets=[replace(t, dim=self.targets.dim(t.name)) if t.name in self.targets.items else t
+                                    for t in cfg.targets])
+        self.epochs = EpochBatches(self.train_set.batches(cfg.protein.data.token_budget), seed=cfg.seed,
+                                   world=world, grad_accum=cfg.train.grad_accum)
+        self.steps_per_epoch = self.epochs.steps_per_epoch
+        cfg = self.epochs.resolve_steps(cfg)
+        self.process = build_process(cfg)
+        self.cfg = cfg
+        return cfg
+
+    def build_denoiser(self) -> MPNNDenoiser:
+        den = build_mpnn_denoiser(self.cfg)
+        valid = set(den.tap_names())
+        for i, t in enumerate(self.cfg.targets):
+            if t.depth not in valid:
+                raise ConfigError(f"config key 'targets.{i}.depth' is {t.depth!r}; the protein denoiser's taps are "
+                                  f"{sorted(valid)}")
+            if (t.kind == "edges") != str(t.depth).endswith(".edges"):
+                raise ConfigError(f"config key 'targets.{i}.kind' is '{t.kind}' but tap {t.depth!r} is "
+                                  f"{'an edge' if str(t.depth).endswith('.edges') else 'a node'} tap")
+        return den
+
+    def build_objective(self) -> Objective:
+        cfg = self.cfg
+        return Objective(self.process, align_terms(cfg), method=cfg.objective.method,
+                         proj_coeff=cfg.objective.proj_coeff, curriculum=curriculum(cfg, self.steps_per_epoch))
+
+    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
+        """This process's ``grad_accum`` token batches of ``step``: (ProteinBatch, {target: tensor})."""
+        for idx in self.epochs.indices(step, rank):
+            examples = [self.train_set[i] for i in idx]
+            pb = collate(examples, device=device)
+            z = self.targets.batch(examples, pb.S.shape[1], device) if self.targets.items else {}
+            yield pb, z
+
+    def forward(self, module, pb, generator: torch.Generator | None, taps=()):
+        """Corrupt the native sequences of ``pb`` and run ``module``: (corrupted, log_probs, hidden)."""
+        c = self.process.corrupt(pb.S, pb.residue_mask, generator=generator)
+        log_probs, hidden = module(pb.X, c.S_t, pb.mask, pb.residue_idx, pb.chain_encoding, taps=taps,
+                                   generator=generator)
+        return c, log_probs, hidden
+
+    def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):
+        pb, z = batch
+        c, log_probs, hidden = self.forward(module, pb, generator, taps=objective.taps)
+        loss_gen = self.process.loss(log_probs, pb.S, pb.residue_mask, c)
+        out = DenoiserOutput(loss_gen, c.t, hidden, token_mask=pb.residue_mask, edge_index=hidden["edge_index"],
+                             edge_mask=hidden["edge_mask"])
+        loss, parts = objective.combine(module, out, z, step)
+        with torch.no_grad():
+            m = c.is_masked.float()
+            hit = (log_probs.argmax(-1) == pb.S).float()
+            parts["acc_masked"] = (hit * m).sum() / m.sum().clamp_min(1.0)
+        return loss, parts
+
+    def eval_due(self, done: int) -> bool:
+        every = self.cfg.protein.eval_every
+        return every > 0 and done % (every * self.steps_per_epoch) == 0
+
+    def evaluate(self, model: MPNNDenoiser, run_dir: Path, step: int, device: torch.device) -> dict:
+        """Validation recovery (designed with the run's sampler settings) and perplexity at random t."""
+        from reed.protein.design import evaluate_split
+
+        ds = self.splits["valid"] if len(self.splits["valid"]) else self.train_set
+        ex = ds.examples[: self.cfg.protein.eval_max_proteins]
+        res = evaluate_split(model, self.cfg, ex, device=device, seed=self.cfg.seed,
+                             fasta=run_dir / "samples" / f"valid_step_{step:07d}.fasta")
+        return {"epoch": step / self.steps_per_epoch, **{f"valid/{k}": v for k, v in res.items()}}
+
+    def title(self) -> str:
+        m = self.cfg.protein.model
+        return f"{self.cfg.objective.method}: {m.preset} (protein)"

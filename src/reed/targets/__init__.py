@@ -1,1 +1,0 @@
-"""Alignment target sources."""
