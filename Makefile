@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e ".[test,text]"
+	$(BIN)/pip install -q -e ".[all,test]"
 	touch $@
 
 venv: $(BIN)/.installed

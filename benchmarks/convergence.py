@@ -45,14 +45,14 @@ def study_variants(steps: int) -> dict[str, list[str]]:
 @torch.no_grad()
 def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, device: str) -> list[dict]:
     from reed.checkpoint import list_checkpoints
-    from reed.image.generate import load_denoiser
+    from reed.domains import load_denoiser
     from reed.sampling import sample
 
     out = []
     for ck in list_checkpoints(run):
         model, cfg, _ = load_denoiser(ck, use_ema=True, device=device)
         g = torch.Generator().manual_seed(2024)  # the same noise and labels for every checkpoint and method
-        c, s, k = cfg.model.in_channels, cfg.model.input_size, cfg.model.num_classes
+        c, s, k = cfg.image.model.in_channels, cfg.image.model.input_size, cfg.image.model.num_classes
         y = torch.arange(num) % k
         noise = torch.randn(num, c, s, s, generator=g)
         xs = []
@@ -217,11 +217,11 @@ def main() -> None:
     results.update({"config": args.config, "overrides": args.overrides, "steps": steps, "evals": evals,
                     "spacing": args.spacing,
                     "seeds": args.seeds, "num_samples": args.num_samples, "sample_steps": args.sample_steps,
-                    "model": base.model.preset, "batch_size": base.train.batch_size, "device": args.device,
+                    "model": base.image.model.preset, "batch_size": base.train.batch_size, "device": args.device,
                     "platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "metric": "in-domain Fréchet distance (digits classifier features) of EMA samples, Euler "
                               f"{args.sample_steps} steps, no CFG, {args.num_samples} class-balanced samples"})
-    ds = load_dataset(base.data)
+    ds = load_dataset(base.image.data)
     evaluator = evaluator_for(ds, base.train.cache_dir)
     results["evaluator_held_out_accuracy"] = evaluator.held_out_accuracy
     plan = [(f"{m}, seed {s}", m, s, "main", []) for s in args.seeds for m in METHODS]

@@ -64,7 +64,7 @@ def main() -> None:
             f"molecule.eval_every={eval_every}", f"molecule.eval_num={args.eval_num}",
             f"targets.0.path={work / 'encoder'}", f"targets.0.depth={min(5, layers - 1)}",
             f"train.cache_dir={work / 'cache'}", "train.progress=false", "train.checkpoint_every=0",
-            "train.log_every=25", "fit.steps=1000", "fit.width=64"]
+            "train.log_every=25", "molecule.fit.steps=1000", "molecule.fit.width=64"]
     if steps:
         # a step budget: the curriculum's 30-epoch ramp becomes the first 10% of the run
         # EMA decay 0.99: with the recipe's 0.999 a few hundred steps leave the EMA weights mostly at their init

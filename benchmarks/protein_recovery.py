@@ -65,7 +65,7 @@ def method_overrides(method: str, epochs: int) -> list[str]:
 def train_eval(cfg, run: Path, train_examples, train_recovery: bool, total_steps: int) -> list[dict]:
     """Train ``cfg`` into ``run`` (its in-training evaluation designs the validation chains) and, with
     ``train_recovery``, add the training chains' recovery at every checkpoint. A finished run is reused."""
-    from reed.image.generate import load_denoiser
+    from reed.domains import load_denoiser
     from reed.protein.design import evaluate_split
     from reed.train import train
 

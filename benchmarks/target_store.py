@@ -86,7 +86,8 @@ def main() -> None:
         enc = make_encoder(tmp, args.encoder_size)
         target = (f"{{name: dinov2, source: encoder, encoder: dinov2-vit-s, path: {enc}, kind: tokens, depth: 2, "
                   f"projector_dim: 256}}")
-        base = ["data.name=images", f"data.path={images}", "model.preset=SiT-T/4", "model.patch_size=16",
+        base = ["image.data.name=images", f"image.data.path={images}", "image.model.preset=SiT-T/4",
+                "image.model.patch_size=16",
                 f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", "train.sample_every=0",
                 "train.checkpoint_every=0", "train.log_every=5", "train.progress=false", "objective.method=repa",
                 f"train.cache_dir={tmp / 'cache'}"]

@@ -40,7 +40,7 @@ from reed.image.targets.prepare import prepare_targets
 from dataclasses import replace
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 cfg = load_config(spec["config"], spec["overrides"])
-ds = load_dataset(cfg.data)
+ds = load_dataset(cfg.image.data)
 cfg = resolve_model_config(cfg, ds)
 tg = prepare_targets([t for t in cfg.targets], ds, cfg.train.cache_dir, progress=False)
 cfg = replace(cfg, targets=[replace(t, dim=tg[t.name].dim) for t in cfg.targets])
@@ -128,9 +128,10 @@ def main() -> None:
                        f" {{name: text, source: file, path: {text}, kind: pooled, modality: text, "
                        f"depth: {min(16, depth)}, coeff: 0.5}}]")
             spec = {"config": str(ROOT / "configs" / "imagenet256_sit_xl2_reed.yaml"),
-                    "overrides": ["data.name=npz", f"data.path={lat}", f"model.preset={model}", f"targets={targets}",
+                    "overrides": ["image.data.name=npz", f"image.data.path={lat}", f"image.model.preset={model}",
+                                  f"targets={targets}",
                                   f"objective.method={method}", f"train.batch_size={batch}",
-                                  f"train.cache_dir={tmp / 'cache'}", "model.num_classes=1000"],
+                                  f"train.cache_dir={tmp / 'cache'}", "image.model.num_classes=1000"],
                     "compile": comp, "precision": prec, "warmup": 2 if comp else 1, "steps": steps,
                     "sampling": method == "sit" and not comp, "sample_batch": 8 if cpu else 64,
                     "sample_steps": 10 if cpu else 50}

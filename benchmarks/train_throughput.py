@@ -94,7 +94,7 @@ def main() -> None:
     from reed.image.targets.prepare import prepare_targets
 
     cfg = load_config(args.config, base)
-    prepare_targets(cfg.targets, load_dataset(cfg.data), cfg.train.cache_dir, progress=False)  # cache once
+    prepare_targets(cfg.targets, load_dataset(cfg.image.data), cfg.train.cache_dir, progress=False)  # cache once
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -104,7 +104,7 @@ def main() -> None:
                 print(f"round {r} {m}: {res['steps_per_s']:.2f} steps/s, peak {res['peak_mem_mib']:.0f} MiB",
                       flush=True)
     result = {
-        "config": args.config, "overrides": base, "batch_size": cfg.train.batch_size, "model": cfg.model.preset,
+        "config": args.config, "overrides": base, "batch_size": cfg.train.batch_size, "model": cfg.image.model.preset,
         "device": runs["sit"][0]["device"], "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "methods": {m: {"steps_per_s": max(x["steps_per_s"] for x in v),
                         "steps_per_s_all": [round(x["steps_per_s"], 3) for x in v],

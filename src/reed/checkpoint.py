@@ -8,8 +8,9 @@ Layout of one checkpoint directory ``<run>/checkpoints/step_0000500/``::
     state.json             step, optimizer param groups and scalar state, scheduler, numpy/python RNG, metadata
     config.yaml            the resolved run config
 
-The directory is first written under a temporary name and then renamed, so an interrupted save never leaves
-a half checkpoint; ``<run>/checkpoints/latest`` names the newest complete one.
+The directory is first written under a unique temporary name (:func:`reed.io.temp_name`, files inside written with
+:mod:`reed.io`) and then renamed, so an interrupted save never leaves a half checkpoint; ``<run>/checkpoints/latest``
+names the newest complete one.
 """
 
 from __future__ import annotations
@@ -24,22 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from reed.errors import CheckpointError
+from reed.io import atomic_save_safetensors, atomic_write_text, temp_name
 
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
 def step_dirname(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -107,20 +102,22 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
     ck_root = Path(run_dir) / "checkpoints"
     ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / step_dirname(step)
-    tmp = ck_root / f".tmp-{step_dirname(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temp_name(final)  # unique per process and call; a leftover one is recognised by is_temp_name
     tmp.mkdir()
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = capture_rng()
-    save_file(_contiguous(model), str(tmp / "model.safetensors"))
-    save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
-    save_file(_contiguous({**opt_tensors, **rng_tensors}), str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_meta, "extra": extra or {}}
-    (tmp / "state.json").write_text(json.dumps(state))
-    (tmp / "config.yaml").write_text(config_yaml)
+    try:
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        rng_tensors, rng_meta = capture_rng()
+        atomic_save_safetensors(tmp / "model.safetensors", _contiguous(model))
+        atomic_save_safetensors(tmp / "ema.safetensors", _contiguous(ema))
+        atomic_save_safetensors(tmp / "optimizer.safetensors", _contiguous({**opt_tensors, **rng_tensors}))
+        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_meta, "extra": extra or {}}
+        atomic_write_text(tmp / "state.json", json.dumps(state))
+        atomic_write_text(tmp / "config.yaml", config_yaml)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step: move the old one aside first
-        old = ck_root / f".old-{step_dirname(step)}-{os.getpid()}"
+        old = temp_name(ck_root / f"old-{step_dirname(step)}")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old)

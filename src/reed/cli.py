@@ -1,10 +1,14 @@
-"""The ``reed`` command.
+"""The ``reed`` command: the shared commands, and each registered domain's own.
 
-    reed fit-encoder CONFIG [key=value ...]       fit the self-supervised encoder(s) the config's targets name
-    reed prepare-targets CONFIG [key=value ...]   compute and cache every alignment target once
     reed train CONFIG [key=value ...] [--out DIR] [--resume]
-    reed sample RUN_OR_CHECKPOINT --num N --out samples.npz [--sampler euler|heun|sde] [--steps S] [--cfg-scale W]
-    reed show-config CONFIG [key=value ...]        print the resolved config
+    reed sample RUN_OR_CHECKPOINT [--num N] [--out FILE] ...   samples of the run's domain
+    reed evaluate SAMPLES [...]                                metrics of the samples' domain
+    reed show-config CONFIG [key=value ...]                    print the resolved config
+
+Each domain adds its commands and its flags of ``sample`` / ``evaluate`` (see :class:`Commands`): the image
+domain ``fit-encoder``, ``prepare-targets``, ``prepare``, ``caption``, ``embed``, ``embed-text``, ``import``; the
+protein domain ``embed-protein``; the molecule domain ``fit-encoder``. A command that takes a config refuses a
+config of another domain with one line.
 
 Errors on bad input (a config typo, a missing file, a corrupt checkpoint) print one line naming the problem.
 """
@@ -12,142 +16,148 @@ Errors on bad input (a config typo, a missing file, a corrupt checkpoint) print 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from reed.errors import ConfigError, ReedError
 
 
-def _load(args) -> object:
+def load_args_config(args) -> Any:
+    """The config of a command's ``config`` and ``overrides`` arguments."""
     from reed.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
+class _Flags:
+    """A parser shared by several domains: a flag another domain already added is kept, not added twice."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+    def add_argument(self, *names: str, **kw: Any) -> None:
+        if any(n in self.parser._option_string_actions for n in names if n.startswith("-")):
+            return
+        self.parser.add_argument(*names, **kw)
+
+    def set_defaults(self, **kw: Any) -> None:
+        self.parser.set_defaults(**kw)
+
+
+class Commands:
+    """What a domain's ``add_commands`` receives.
+
+    ``command(name, help, handler)`` adds ``reed NAME`` (``handler(args) -> exit code``); with
+    ``config=True`` it takes ``CONFIG [key=value ...]`` and runs ``handler(args, cfg)`` of the config's domain, so
+    two domains may offer the same command (``fit-encoder``) and a third domain's config gets a clear error.
+    ``shared(name)`` is the parser of ``sample`` / ``evaluate``, to add the domain's flags to.
+    Both return an object with ``add_argument`` that skips a flag already added by another domain.
+    """
+
+    def __init__(self, sub: argparse._SubParsersAction):
+        self.sub = sub
+        self.parsers: dict[str, argparse.ArgumentParser] = {}
+        self.domain = ""
+
+    def _parser(self, name: str, help_: str) -> argparse.ArgumentParser:
+        if name not in self.parsers:
+            self.parsers[name] = self.sub.add_parser(name, help=help_)
+        return self.parsers[name]
+
+    def command(self, name: str, help_: str, handler: Callable[..., int], *, config: bool = False) -> _Flags:
+        new = name not in self.parsers
+        sp = self._parser(name, help_)
+        if config:
+            if new:
+                sp.add_argument("config", help="YAML config file")
+                sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+                sp.set_defaults(func=_dispatch_config, handlers={})
+            handlers = sp.get_default("handlers")
+            if handlers is None:
+                raise ValueError(f"reed {name} is a command without a config; it cannot be shared")
+            handlers[self.domain] = handler
+        else:
+            if not new:
+                raise ValueError(f"two domains add the command 'reed {name}'")
+            sp.set_defaults(func=handler)
+        return _Flags(sp)
+
+    def shared(self, name: str) -> _Flags:
+        return _Flags(self.parsers[name])
+
+
+def _dispatch_config(args) -> int:
+    cfg = load_args_config(args)
+    handler = args.handlers.get(cfg.domain)
+    if handler is None:
+        raise ConfigError(f"`reed {args.command}` is a command of {' and '.join(sorted(args.handlers))} runs, but "
+                          f"{args.config} has domain '{cfg.domain}'")
+    return handler(args, cfg)
+
+
 def cmd_show_config(args) -> int:
     from reed.config import dump_config
 
-    print(dump_config(_load(args)), end="")
-    return 0
-
-
-def cmd_fit_encoder(args) -> int:
-    import torch
-
-    from reed.image.data import load_dataset
-    from reed.image.targets.fitted_encoder import fit_encoder, linear_probe_accuracy, save_encoder
-
-    cfg = _load(args)
-    if cfg.domain == "molecule":
-        from reed.molecule.cli import fit_encoders
-
-        return fit_encoders(cfg, force=args.force)
-    todo = [t for t in cfg.targets if t.source == "fitted_encoder"]
-    if not todo:
-        print("no target with source 'fitted_encoder' in the config; nothing to fit")
-        return 0
-    ds = load_dataset(cfg.data)
-    pixels = ds.pixels(torch.arange(len(ds)))  # (N,C,H,W) in [-1,1]
-    for tg in todo:
-        out = Path(tg.path)
-        if (out / "encoder.safetensors").is_file() and not args.force:
-            print(f"encoder for target '{tg.name}' already fitted at {out} (use --force to refit)")
-            continue
-        f = cfg.fit
-        torch.manual_seed(cfg.seed)
-        enc, hist = fit_encoder(pixels, dim=f.dim, width=f.width, downsample=f.downsample, steps=f.steps,
-                                batch_size=f.batch_size, lr=f.lr, seed=cfg.seed, progress=cfg.train.progress)
-        save_encoder(enc, out)
-        with torch.no_grad():
-            feats = enc.pooled(pixels)
-        acc = linear_probe_accuracy(feats.numpy(), ds.labels.numpy(), seed=cfg.seed)
-        report = {"target": tg.name, "path": str(out), "vicreg_loss_first": hist[0], "vicreg_loss_last": hist[-1],
-                  "linear_probe_accuracy": acc}
-        (out / "fit_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"fitted encoder '{tg.name}' -> {out}: VICReg loss {hist[0]:.3f} -> {hist[-1]:.3f}, "
-              f"linear-probe accuracy {acc:.3f}")
-    return 0
-
-
-def cmd_prepare_targets(args) -> int:
-    from reed.image.data import load_dataset
-    from reed.image.targets.prepare import prepare_targets
-
-    cfg = _load(args)
-    ds = load_dataset(cfg.data)
-    out = prepare_targets(cfg.targets, ds, cfg.train.cache_dir, progress=cfg.train.progress)
-    for name, z in out.items():
-        print(f"target '{name}': {tuple(z.shape)}")
+    print(dump_config(load_args_config(args)), end="")
     return 0
 
 
 def cmd_train(args) -> int:
     from reed.train import train
 
-    cfg = _load(args)
+    cfg = load_args_config(args)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     res = train(cfg, out, resume=args.resume, stop_at=args.stop_at)
     print(f"trained to step {res.step}; run directory {res.run_dir} (checkpoint {res.last_checkpoint})")
     return 0
 
 
-def _run_domain(run: str) -> str:
-    """``domain`` of the config saved with a run or checkpoint ("image" when unreadable: the image path reports)."""
-    from reed.checkpoint import read_config_text, resolve_checkpoint
-    from reed.config import config_from_yaml_text
-
-    try:
-        ck = resolve_checkpoint(run)
-        return config_from_yaml_text(read_config_text(ck), str(ck)).domain
-    except ReedError:
-        return "image"
-
-
-def cmd_embed_protein(args) -> int:
-    from reed.protein.cli import embed_protein
-
-    return embed_protein(args)
-
-
 def cmd_sample(args) -> int:
-    from reed.image.generate import generate
+    """``reed sample RUN``: the handler of the run's domain."""
+    from reed.checkpoint import resolve_checkpoint
+    from reed.domains import get_domain, run_domain
 
-    domain = _run_domain(args.run)
-    if domain == "molecule":
-        import torch
+    domain = run_domain(args.run)
+    if domain is None:
+        resolve_checkpoint(args.run)  # raises the error that says what is missing
+        raise ConfigError(f"no readable config in the run {args.run}")
+    spec = get_domain(domain)
+    if spec.sample is None:
+        raise ConfigError(f"{domain} runs cannot be sampled with `reed sample`")
+    return spec.sample(args)
 
-        from reed.image.generate import load_denoiser
-        from reed.molecule.cli import sample as sample_molecules
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
-        return sample_molecules(args, model, cfg, device)
-    if domain == "protein":
-        import torch
+def cmd_evaluate(args) -> int:
+    """``reed evaluate SAMPLES``: the handler of the first domain that claims the samples, else the default's."""
+    from reed.config import DEFAULT_DOMAIN
+    from reed.domains import loaded_domains
 
-        from reed.image.generate import load_denoiser
-        from reed.protein.cli import sample_protein
+    samples = Path(args.samples)
+    specs = loaded_domains()
+    spec = next((s for s in specs if s.owns_samples is not None and s.owns_samples(samples)), None)
+    spec = spec or next(s for s in specs if s.name == DEFAULT_DOMAIN)
+    if spec.evaluate is None:
+        raise ConfigError(f"{spec.name} samples cannot be evaluated with `reed evaluate`")
+    return spec.evaluate(args)
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
-        args.num = args.num or 1
-        return sample_protein(args, model, cfg, device)
-    if args.structures:
-        raise ConfigError(f"--structures is for protein runs; {args.run} is an image run")
-    rank, world, st = _process()
-    info = generate(args.run, num=args.num or 100, out=args.out, sampler=args.sampler, steps=args.steps,
-                    cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
-                    batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae,
-                    device=str(st.device) if world > 1 else None, process_index=rank, num_processes=world,
-                    barrier=st.wait_for_everyone, progress=rank == 0)
-    if rank == 0:
-        print(f"wrote {info['num']} samples to {info['npz']} and a grid to {info['grid']}")
+
+def print_report(result: dict, out: str | None) -> int:
+    """Print an evaluation result as JSON and also write it to ``out`` when given."""
+    import json
+
+    from reed.io import atomic_write_text
+
+    text = json.dumps(result, indent=2, default=str)
+    if out:
+        atomic_write_text(Path(out), text + "\n")
+    print(text)
     return 0
 
 
-def _process() -> tuple[int, int, object]:
+def process_info() -> tuple[int, int, object]:
     """(process index, number of processes, state) under `accelerate launch` (0, 1 when run plainly)."""
     import torch
     from accelerate import PartialState
@@ -157,175 +167,7 @@ def _process() -> tuple[int, int, object]:
     return st.process_index, st.num_processes, st
 
 
-def cmd_embed(args) -> int:
-    from reed.image.targets.embed import embed_target
-
-    cfg = _load(args)
-    rank, world, st = _process()
-    out = args.out or next((t.store for t in cfg.targets if t.name == args.target and t.store), None)
-    if not out:
-        raise ConfigError(f"give --out or set targets.<i>.store for target '{args.target}'")
-    rep = embed_target(cfg, args.target, out, dtype=args.dtype, shard_size=args.shard_size,
-                       batch_size=args.batch_size, process_index=rank, num_processes=world,
-                       progress=cfg.train.progress and rank == 0, barrier=st.wait_for_everyone)
-    if rank == 0:
-        print(f"target '{args.target}' {rep['shape']} x {rep['count']} -> {out} "
-              f"({rep['written']} shards written here, {rep['skipped']} already there). Train with:\n"
-              f"  targets.<i>.store={out}  (or source: store, path: {out})")
-    return 0
-
-
-def cmd_prepare(args) -> int:
-    from reed.image.prepare import prepare_images, prepare_latents
-
-    rank, world, _ = _process()
-    if args.what == "images":
-        rep = prepare_images(args.src, args.out, resolution=args.resolution, shard_size=args.shard_size,
-                             process_index=rank, num_processes=world, progress=rank == 0,
-                             num_workers=args.num_workers)
-    else:
-        if not args.vae:
-            raise ConfigError("reed prepare latents needs --vae (a diffusers AutoencoderKL directory or hub id)")
-        rep = prepare_latents(args.src, args.out, vae=args.vae, batch_size=args.batch_size, device=args.device,
-                              dtype=args.dtype, process_index=rank, num_processes=world, progress=rank == 0)
-    if rank == 0:
-        print(json.dumps({k: v for k, v in rep.items() if k != "skipped"} | {"skipped": len(rep.get("skipped", []))},
-                         default=str))
-    return 0
-
-
-def _image_source(images_dir: str):
-    from reed.image.shards import ImageShards
-
-    shards = ImageShards(images_dir)
-    return shards, (lambda idx: shards.images(idx))
-
-
-def cmd_caption(args) -> int:
-    from reed.image.targets.vlm import caption_images
-
-    shards, fn = _image_source(args.images)
-    rank, world, _ = _process()
-    rep = caption_images(args.model, fn, args.out, count=len(shards), prompt=args.prompt,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, shard_size=args.shard_size,
-                         process_index=rank, num_processes=world, device=args.device, progress=rank == 0)
-    print(json.dumps(rep, default=str))
-    return 0
-
-
-def cmd_embed_text(args) -> int:
-    """Caption embeddings (sentence encoder, or (image, caption) through a VLM) into a target store."""
-    import numpy as np
-
-    from reed.image.targets.vlm import embed_captions_vlm, read_captions
-    from reed.store import TargetStoreWriter
-
-    captions = read_captions(args.captions)
-    shards, images = _image_source(args.images) if args.images else (None, None)
-    if args.vlm and images is None:
-        raise ConfigError("--vlm needs --images (the prepared images the captions describe)")
-    if shards is not None and len(shards) != len(captions):
-        raise ConfigError(f"{len(captions)} captions in {args.captions} but {len(shards)} images in {args.images}")
-
-    text_encoder = None
-    if not args.vlm:
-        from reed.image.targets.text import SentenceEncoder, resolve_text_encoder
-
-        text_encoder = SentenceEncoder.from_pretrained(resolve_text_encoder(args.encoder), device=args.device)
-
-    def rows(idx):
-        caps = [captions[i] for i in idx]
-        if text_encoder is None:  # the VLM is loaded once and kept by reed.image.targets.vlm
-            return embed_captions_vlm(args.vlm, images(np.asarray(idx)), caps, layer=args.layer,
-                                      batch_size=args.batch_size, device=args.device, progress=False)
-        return text_encoder.encode(caps, batch_size=args.batch_size)
-
-    dim = int(rows([0]).shape[-1])
-    rank, world, st = _process()
-    w = TargetStoreWriter(args.out, source=f"vlm:{args.vlm}:layer{args.layer}" if args.vlm else f"text:{args.encoder}",
-                          count=len(captions), shape=(dim,), dtype=args.dtype, shard_size=args.shard_size,
-                          dataset_fingerprint=shards.fingerprint if shards is not None else "",
-                          preprocessing={"pooling": "masked mean over real tokens", "captions": str(args.captions)})
-    rep = w.write(rows, batch_size=args.batch_size, process_index=rank, num_processes=world, progress=rank == 0)
-    st.wait_for_everyone()
-    if rank == 0:
-        w.finalize()
-        print(f"caption embeddings ({dim}-d) x {len(captions)} -> {args.out} ({rep['written']} shards written)")
-    return 0
-
-
-def _report(result: dict, out: str | None) -> int:
-    """Print an evaluation result as JSON and also write it to ``out`` when given."""
-    text = json.dumps(result, indent=2, default=str)
-    if out:
-        Path(out).write_text(text + "\n")
-    print(text)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    """Standard metrics against a reference (--ref) and/or in-domain metrics against a run's data (--run)."""
-    import numpy as np
-
-    samples = Path(args.samples)
-    if samples.suffix.lower() in (".sdf", ".npz") and (samples.suffix.lower() == ".sdf"
-                                                      or samples.with_suffix(".sdf").is_file()):
-        from reed.molecule.cli import evaluate as evaluate_molecules
-
-        return _report(evaluate_molecules(args), args.out)
-    if samples.suffix.lower() in (".fasta", ".fa") or (samples.is_dir() and _run_domain(str(samples)) == "protein"):
-        from reed.protein.cli import evaluate_protein_fasta, evaluate_protein_run
-
-        result = evaluate_protein_run(args, samples) if samples.is_dir() else evaluate_protein_fasta(args)
-        return _report(result, args.out)
-    if not samples.is_file():
-        raise ConfigError(f"samples file not found: {samples}")
-    settings_file = samples.with_suffix(".json")
-    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    result: dict = {"samples": str(samples), "sampling": sampling}
-    if not args.ref and not args.run:
-        raise ConfigError("reed evaluate needs --ref (reference batch/statistics) and/or --run (in-domain metrics)")
-    if args.ref:
-        from reed.image.metrics.adm import evaluate
-
-        result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
-                                      metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
-    if args.run:
-        import torch
-
-        from reed.checkpoint import read_config_text, resolve_checkpoint
-        from reed.config import config_from_yaml_text
-        from reed.image.data import load_dataset
-        from reed.image.metrics.indomain import evaluator_for
-
-        ck = resolve_checkpoint(args.run)
-        cfg = config_from_yaml_text(read_config_text(ck), str(ck))
-        ds = load_dataset(cfg.data)
-        with np.load(samples) as f:
-            imgs, labels = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N,C,H,W) in [-1,1]
-        real_shape = tuple(ds.pixels(torch.arange(1)).shape[1:])
-        if tuple(x.shape[1:]) != real_shape:
-            raise ConfigError(f"samples of shape {tuple(x.shape[1:])} (C,H,W) do not match the run's images "
-                              f"{real_shape}")
-        ev = evaluator_for(ds, cfg.train.cache_dir)
-        y = torch.from_numpy(labels).long() if labels is not None else None
-        result["in_domain"] = {**ev(x, y), "evaluator_held_out_accuracy": ev.held_out_accuracy,
-                               "data": cfg.data.name, "definition": "Fréchet distance in the features of a "
-                               "classifier trained on the data set; accuracy = classifier agrees with the label"}
-    return _report(result, args.out)
-
-
-def cmd_import(args) -> int:
-    from reed.image.official import import_official
-
-    ck = import_official(args.checkpoint, args.out, which=args.which, keep_projectors=args.keep_projectors,
-                         num_heads=args.num_heads, vae=args.vae, latents=args.latents)
-    print(f"imported {args.checkpoint} ({args.which} weights) -> {ck}")
-    return 0
-
-
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
 
@@ -335,6 +177,8 @@ def _has_cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from reed.domains import loaded_domains
+
     p = argparse.ArgumentParser(prog="reed", description="Train diffusion/flow models with REED representation "
                                 "guidance.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,132 +186,46 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config file")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.depth=4")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 image.model.depth=4")
         return sp
 
     with_config("show-config", "print the resolved config").set_defaults(func=cmd_show_config)
-    sp = with_config("fit-encoder", "fit the self-supervised encoder(s) named by fitted_encoder targets")
-    sp.add_argument("--force", action="store_true", help="refit even if the encoder exists")
-    sp.set_defaults(func=cmd_fit_encoder)
-    with_config("prepare-targets", "compute and cache all alignment targets").set_defaults(func=cmd_prepare_targets)
     sp = with_config("train", "train a model")
     sp.add_argument("--out", help="run directory (default runs/<config name>)")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     sp.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
     sp.set_defaults(func=cmd_train)
 
-    sp = with_config("embed", "compute one target over the data set into a sharded target store")
-    sp.add_argument("--target", required=True, help="target name in the config")
-    sp.add_argument("--out", default=None, help="store directory (default: the target's `store` key)")
-    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    sp.add_argument("--shard-size", type=int, default=10_000)
-    sp.add_argument("--batch-size", type=int, default=64)
-    sp.set_defaults(func=cmd_embed)
-
-    sp = sub.add_parser("prepare", help="prepare data: ImageFolder -> ADM-cropped uint8 shards, or -> VAE latents")
-    sp.add_argument("what", choices=["images", "latents"])
-    sp.add_argument("src", help="ImageFolder root (images) or a prepared images dir (latents)")
-    sp.add_argument("out")
-    sp.add_argument("--resolution", type=int, default=256)
-    sp.add_argument("--shard-size", type=int, default=10_000)
-    sp.add_argument("--num-workers", type=int, default=0)
-    sp.add_argument("--vae", default=None, help="diffusers AutoencoderKL dir or hub id (latents)")
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--dtype", choices=["float16", "float32"], default="float32")
-    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    sp.set_defaults(func=cmd_prepare)
-
-    sp = sub.add_parser("caption", help="caption prepared images with a VLM (sharded, resumable)")
-    sp.add_argument("images", help="prepared images dir")
-    sp.add_argument("out", help="captions dir")
-    sp.add_argument("--model", required=True, help="transformers image-text-to-text model dir or hub id")
-    sp.add_argument("--prompt", default="Describe this image.")
-    sp.add_argument("--max-new-tokens", type=int, default=200)
-    sp.add_argument("--batch-size", type=int, default=8)
-    sp.add_argument("--shard-size", type=int, default=1000)
-    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    sp.set_defaults(func=cmd_caption)
-
-    sp = sub.add_parser("embed-text", help="embed captions (or image+caption through a VLM) into a target store")
-    sp.add_argument("captions", help="captions dir written by `reed caption`")
-    sp.add_argument("out", help="target store dir")
-    sp.add_argument("--encoder", default="minilm", help="sentence encoder: 'minilm' or a local model dir")
-    sp.add_argument("--vlm", default=None, help="VLM dir/hub id: embed the (image, caption) dialogue instead")
-    sp.add_argument("--images", default=None, help="prepared images dir (required with --vlm)")
-    sp.add_argument("--layer", type=int, default=15, help="VLM hidden layer (0 = input embeddings)")
-    sp.add_argument("--batch-size", type=int, default=16)
-    sp.add_argument("--shard-size", type=int, default=10_000)
-    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    sp.set_defaults(func=cmd_embed_text)
-
-    sp = with_config("embed-protein", "protein targets for every chain of a protein config's data: ESM-2 or AF3")
-    sp.add_argument("--source", choices=["esm2", "af3"], default="esm2")
-    sp.add_argument("--out", required=True, help="protein target store directory")
-    sp.add_argument("--model", default="facebook/esm2_t33_650M_UR50D", help="ESM-2 hub id or local dir")
-    sp.add_argument("--layer", type=int, default=-1, help="ESM-2 hidden layer for 'single' (-1 = last)")
-    sp.add_argument("--pair", choices=["attention", "none"], default="attention",
-                    help="ESM-2 pair target: symmetrised attention maps of all layers and heads, or none")
-    sp.add_argument("--af3-dir", default=None, help="AlphaFold3 output dir (cluster_<id>/seed-0_embeddings/...)")
-    sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: from list.csv)")
-    sp.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
-    sp.set_defaults(func=cmd_embed_protein)
-
-    sp = sub.add_parser("sample", help="generate samples from a run: images into an ADM-layout .npz, designed "
-                        "protein sequences (FASTA) for --structures, or molecules (.sdf + grid)")
+    commands = Commands(sub)
+    sp = commands._parser("sample", "generate samples from a run (images: ADM-layout .npz; proteins: designed "
+                          "sequences; molecules: .sdf + grid)")
     sp.add_argument("run", help="run directory or checkpoint directory")
     sp.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                     help="number of samples (default 100; protein runs: designs per chain, default 1); "
                     "--num-samples under torchrun, whose own --numa options clash")
-    sp.add_argument("--out", default=None, help="output .npz (default <run>/samples.npz; molecules: .sdf)")
-    sp.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None)
-    sp.add_argument("--steps", type=int, default=None)
-    sp.add_argument("--cfg-scale", type=float, default=None)
-    sp.add_argument("--guidance-low", type=float, default=None)
-    sp.add_argument("--guidance-high", type=float, default=None)
-    sp.add_argument("--labels", choices=["balanced", "random"], default="balanced")
+    sp.add_argument("--out", default=None, help="output file (default in the run directory)")
+    sp.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's config)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--raw", action="store_true", help="use the raw (non-EMA) weights")
-    sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's)")
-    sp.add_argument("--structures", nargs="+", default=None,
-                    help="protein runs: PDB/mmCIF files or directories to design sequences for (--num per chain)")
-    sp.add_argument("--chains", nargs="+", default=None, help="protein runs: only these chain ids")
-    sp.add_argument("--temperature", type=float, default=None, help="protein runs: sampling temperature")
-    sp.add_argument("--order", choices=["random", "confidence"], default=None,
-                    help="protein runs: unmasking order (random = exact reverse process; confidence = purity)")
     sp.set_defaults(func=cmd_sample)
-
-    sp = sub.add_parser("evaluate", help="image metrics of a samples .npz (FID/sFID/IS/PR/FD_DINOv2, in-domain); "
-                        "protein: recovery of a designs FASTA or of a run's split; molecules: stability, validity, ...")
-    sp.add_argument("samples", help="samples .npz written by `reed sample` (arr_0 uint8 N x H x W x C), a designs "
-                    ".fasta, a protein run directory (designs its --split), or molecules (.sdf; --run for novelty)")
-    sp.add_argument("--split", choices=["train", "valid", "test"], default=None, help="protein run: split to design")
-    sp.add_argument("--refold", default=None, help="protein: ESMFold model dir/hub id to refold designs (RMSD/TM)")
+    sp = commands._parser("evaluate", "metrics of samples: images (FID/sFID/IS/PR/FD_DINOv2, in-domain), "
+                          "proteins (recovery of designs or of a run's split), molecules (stability, validity, ...)")
+    sp.add_argument("samples", help="samples written by `reed sample` (images .npz, designs .fasta, molecules "
+                    ".sdf) or a protein run directory")
+    sp.add_argument("--run", default=None, help="the run the samples came from (in-domain metrics, novelty)")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--energy", action="store_true", help="molecules: MMFF energy and strain (slow for many)")
-    sp.add_argument("--ref", default=None, help="reference: ADM batch .npz, images (.npz/.npy/folder)")
-    sp.add_argument("--inception", default=None, help="FID Inception weights file (pt_inception-2015-12-05-*.pth)")
-    sp.add_argument("--dinov2", default=None, help="DINOv2 directory for FD_DINOv2")
-    sp.add_argument("--metrics", default="fid,sfid,is,pr")
-    sp.add_argument("--run", default=None, help="run dir: in-domain FD + class accuracy against its data set")
     sp.add_argument("--batch-size", type=int, default=64)
     sp.add_argument("--out", default=None, help="write the results JSON here")
     sp.set_defaults(func=cmd_evaluate)
-
-    sp = sub.add_parser("import", help="import a released REPA/REED SiT checkpoint as a reed checkpoint")
-    sp.add_argument("checkpoint", help="released .pt (bare state dict or {model, ema, args, ...}) or .safetensors")
-    sp.add_argument("--out", required=True, help="directory to create (a reed run directory)")
-    sp.add_argument("--which", choices=["ema", "model"], default="ema", help="weights to take from a training file")
-    sp.add_argument("--keep-projectors", action="store_true", help="keep the alignment projectors")
-    sp.add_argument("--num-heads", type=int, default=None, help="attention heads (default: SiT table by width)")
-    sp.add_argument("--vae", default=None, help="VAE (dir or hub id) to decode samples with")
-    sp.add_argument("--latents", default=None, help="prepared latents dir, to continue training")
-    sp.set_defaults(func=cmd_import)
+    for spec in loaded_domains():
+        if spec.add_commands is not None:
+            commands.domain = spec.name
+            spec.add_commands(commands)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' fork warning under DataLoader workers
     args = build_parser().parse_args(argv)
     import torch
 
@@ -485,5 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -3,13 +3,19 @@
 A run is fully described by its :class:`Config`: the trainer saves the resolved config as
 ``<out>/config.yaml`` and inside every checkpoint, and ``reed sample`` rebuilds the model from it.
 
-Overrides use dotted keys and YAML values, e.g. ``train.steps=200 model.depth=4 targets.0.coeff=0.25``.
+Layout: the shared sections ``seed``, ``domain``, ``targets``, ``objective``, ``train``, and one section owned by
+the domain (``image:``, ``protein:``, ``molecule:``; its dataclass comes from the domain's registration in
+:mod:`reed.domains`). The layout before domain sections (image ``data``/``model``/``process``/``sample``/``fit``
+at the top level) still loads, with a one-line deprecation notice.
+
+Overrides use dotted keys and YAML values, e.g. ``train.steps=200 image.model.depth=4 targets.0.coeff=0.25``.
 Unknown keys and values of the wrong type raise :class:`~reed.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -21,52 +27,11 @@ import yaml
 
 from reed.errors import ConfigError
 
-TIME_WEIGHTS = ("constant", "linear", "cosine", "sigmoid", "loglinear", "cutoff")
+log = logging.getLogger("reed")
 
-
-@dataclass
-class DataConfig:
-    """Where the training examples come from.
-
-    ``name='digits'``: the embedded default, ``sklearn.datasets.load_digits`` (1797 real 8x8 digits, 10 classes).
-    ``name='npz'``: a user file with ``images`` (N,H,W[,C]) uint8 or (N,C,H,W) float in [-1,1] and ``labels`` (N,).
-    ``name='images'``: a directory written by ``reed prepare images`` (uint8 shards), trained in pixel space.
-    ``name='latents'``: a directory written by ``reed prepare latents`` (VAE posterior mean/std, resampled each step).
-    """
-
-    name: Literal["digits", "npz", "images", "latents"] = "digits"
-    path: str | None = None
-
-
-@dataclass
-class ModelConfig:
-    """SiT denoiser. ``preset`` names a size (``SiT-XL/2`` ... ``SiT-T/2``); explicit fields override it.
-
-    ``input_size``, ``in_channels`` and ``num_classes`` are filled from the data when left ``None``.
-    """
-
-    preset: str = "SiT-T/2"
-    depth: int | None = None
-    hidden_size: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    mlp_ratio: float = 4.0
-    qk_norm: bool = False
-    fused_attn: bool = True
-    input_size: int | None = None
-    in_channels: int | None = None
-    num_classes: int | None = None
-
-
-@dataclass
-class ProcessConfig:
-    """Continuous flow process (t=0 data, t=1 noise)."""
-
-    path: Literal["linear", "cosine"] = "linear"
-    time_sampling: Literal["uniform", "lognormal"] = "uniform"
-    lognormal_mean: float = 0.0
-    lognormal_std: float = 1.0
-    label_dropout: float = 0.1
+DEFAULT_DOMAIN = "image"  # the domain of a config that names none
+# top-level keys of the layout before domain sections; each domain's ``upgrade`` moves them into its section
+LEGACY_KEYS = ("data", "model", "process", "sample", "fit")
 
 
 @dataclass
@@ -102,8 +67,7 @@ class TargetConfig:
     """
 
     name: str = "target"
-    source: Literal["fitted_encoder", "caption_text", "file", "store", "encoder", "vlm",
-                    "protein_store", "molecule_encoder"] = "fitted_encoder"
+    source: str = "fitted_encoder"  # one of the domain's target_sources (checked by validate)
     path: str | None = None
     encoder: str = "minilm"
     kind: Literal["tokens", "pooled", "edges"] = "tokens"
@@ -146,18 +110,6 @@ class ObjectiveConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Sampler used for in-training previews and ``reed sample`` defaults."""
-
-    sampler: Literal["euler", "heun", "sde"] = "euler"
-    steps: int = 50
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    use_ema: bool = True
-
-
-@dataclass
 class TrainConfig:
     """Optimisation, precision, logging and checkpoint cadence.
 
@@ -187,164 +139,38 @@ class TrainConfig:
 
 
 @dataclass
-class FitConfig:
-    """``reed fit-encoder``: a small CNN fitted with VICReg on the training images (for ``fitted_encoder`` targets)."""
-
-    dim: int = 64
-    width: int = 64
-    downsample: int = 1
-    steps: int = 300
-    batch_size: int = 256
-    lr: float = 1e-3
-
-
-@dataclass
-class ProteinDataConfig:
-    """Protein structures. ``format``: ``directory`` (PDB/mmCIF files, split with the fractions ``split``) or
-    ``pdb_2021aug02`` (ProteinMPNN's training set layout with its cluster splits).
-    ``split_by: sequence`` keeps identical chains (homo-oligomers) in one part so validation/test sequences are
-    never trained on; ``example`` splits chains independently."""
-
-    format: Literal["directory", "pdb_2021aug02"] = "directory"
-    path: str | None = None
-    mode: Literal["chain", "complex"] = "chain"
-    max_length: int = 256
-    max_resolution: float = 3.5
-    member: Literal["first", "random"] = "first"
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    split_by: Literal["example", "sequence"] = "sequence"
-    token_budget: int = 20000
-
-
-@dataclass
-class MPNNConfig:
-    """ProteinMPNN-style denoiser (spec protein.md section 1); explicit fields override the preset."""
-
-    preset: Literal["mpnn", "mpnn-small"] = "mpnn"
-    hidden: int | None = None
-    encoder_layers: int | None = None
-    decoder_layers: int | None = None
-    k_neighbors: int | None = None
-    dropout: float = 0.1
-    backbone_noise: float = 0.1
-    learnable_node: bool = False
-    update_edge: bool = False
-
-
-@dataclass
-class MaskedProcessConfig:
-    """Masking diffusion (see :mod:`reed.processes.masked`)."""
-
-    parameterization: Literal["reference", "mdlm"] = "reference"
-    label_smoothing: float = 0.1
-    min_t: float = 0.01
-    loss_norm: float = 2000.0
-
-
-@dataclass
-class MaskedSampleConfig:
-    """Sequence design (see :mod:`reed.sampling.masked`)."""
-
-    steps: int = 500
-    temperature: float = 0.1
-    order: Literal["random", "confidence"] = "random"
-
-
-@dataclass
-class ProteinConfig:
-    """Everything specific to protein inverse folding (``domain: protein``). ``eval_every`` (epochs) runs
-    sequence design on the validation split and logs recovery; 0 = only at the end."""
-
-    data: ProteinDataConfig = field(default_factory=ProteinDataConfig)
-    model: MPNNConfig = field(default_factory=MPNNConfig)
-    process: MaskedProcessConfig = field(default_factory=MaskedProcessConfig)
-    sample: MaskedSampleConfig = field(default_factory=MaskedSampleConfig)
-    eval_every: int = 10
-    eval_max_proteins: int = 200
-
-
-@dataclass
-class MoleculeDataConfig:
-    """Molecules. ``format``: ``edm_npz`` (QM9/GEOM in the EDM layout; bonds inferred with RDKit), ``sdf`` or
-    ``smiles`` (one SMILES per line; an ETKDG conformer each). ``split`` has 2 or 3 fractions (train, valid[, test]).
-    ``coord_std`` (Å) scales coordinates to the model's units (QM9 1.7233, GEOM-Drugs 2.4070)."""
-
-    format: Literal["edm_npz", "sdf", "smiles"] = "edm_npz"
-    path: str | None = None
-    limit: int | None = None
-    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    atom_budget: int = 4096
-    coord_std: float = 1.723299503326416
-    rotate: bool = True
-
-
-@dataclass
-class MoleculeModelConfig:
-    """Equivariant denoiser (:mod:`reed.molecule.nets`); explicit fields override the preset."""
-
-    preset: Literal["semla", "semla-small", "egnn", "egnn-small"] = "semla"
-    hidden: int | None = None
-    layers: int | None = None
-
-
-@dataclass
-class MoleculeProcessConfig:
-    """Equivariant flow matching (:mod:`reed.molecule.flow`)."""
-
-    coord_noise: float = 0.2
-    ot: Literal["equivariant", "none"] = "equivariant"
-    time_alpha: float = 2.0
-    time_beta: float = 1.0
-    w_coords: float = 1.0
-    w_types: float = 0.2
-    w_bonds: float = 1.0
-    w_charges: float = 1.0
-    coord_loss_norm: Literal["atoms", "padded"] = "atoms"
-    self_condition: float = 0.5
-
-
-@dataclass
-class MoleculeSampleConfig:
-    """Sampling (:func:`reed.molecule.sampling.sample_molecules`)."""
-
-    steps: int = 100
-    grid: Literal["log", "linear"] = "log"
-    eta: float = 1.0
-    batch_size: int = 256
-
-
-@dataclass
-class MoleculeConfig:
-    """Everything specific to 3D molecule generation (``domain: molecule``). ``eval_every`` (steps) samples
-    ``eval_num`` molecules from the EMA model and logs stability/validity; 0 = only at the end. ``elements`` (the
-    atom-type vocabulary) is filled from the data when left empty."""
-
-    data: MoleculeDataConfig = field(default_factory=MoleculeDataConfig)
-    model: MoleculeModelConfig = field(default_factory=MoleculeModelConfig)
-    process: MoleculeProcessConfig = field(default_factory=MoleculeProcessConfig)
-    sample: MoleculeSampleConfig = field(default_factory=MoleculeSampleConfig)
-    eval_every: int = 0
-    eval_num: int = 200
-    elements: list[str] | None = None
-
-
-@dataclass
 class Config:
-    """A whole experiment. ``domain`` picks the data/model/process: ``image`` uses ``data``/``model``/``process``,
-    ``protein`` the ``protein`` section, ``molecule`` the ``molecule`` section."""
+    """A whole experiment: the shared sections and, in ``sections``, the one section the domain owns.
+
+    ``cfg.image`` / ``cfg.protein`` / ``cfg.<domain>`` read that section; :attr:`section` is the active one.
+    Build a modified copy with ``dataclasses.replace`` for shared sections and :meth:`with_section` for the
+    domain's.
+    """
 
     seed: int = 0
-    domain: Literal["image", "protein", "molecule"] = "image"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    process: ProcessConfig = field(default_factory=ProcessConfig)
+    domain: str = DEFAULT_DOMAIN
     targets: list[TargetConfig] = field(default_factory=list)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    fit: FitConfig = field(default_factory=FitConfig)
-    protein: ProteinConfig | None = None
-    molecule: MoleculeConfig | None = None
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails: cfg.<domain section>
+        secs = self.__dict__.get("sections")
+        if secs is not None and name in secs:
+            return secs[name]
+        if name.startswith("_") or secs is None:
+            raise AttributeError(name)
+        raise AttributeError(f"this config has no '{name}' section (domain '{self.__dict__.get('domain')}')")
+
+    @property
+    def section(self) -> Any:
+        """The domain's own section (e.g. :class:`reed.image.config.ImageConfig`)."""
+        return self.sections[self.domain]
+
+    def with_section(self, **changes: Any) -> Config:
+        """A copy whose domain section has ``changes`` (field=value) applied."""
+        return dataclasses.replace(self, sections={**self.sections,
+                                                   self.domain: dataclasses.replace(self.section, **changes)})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -426,8 +252,18 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts/lists (YAML/JSON serialisable)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts/lists (YAML/JSON serialisable); a :class:`Config`'s domain section sits
+    at the top level under the domain's name, right after ``domain``."""
+    if not isinstance(cfg, Config):
+        return dataclasses.asdict(cfg)
+    tree = dataclasses.asdict(cfg)
+    sections = tree.pop("sections")
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out[k] = v
+        if k == "domain":
+            out.update(sections)
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -459,22 +295,80 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``key.sub=value`` strings (values parsed as YAML) and re-validate the whole config."""
+    """Apply ``key.sub=value`` strings (values parsed as YAML) and re-validate the whole config.
+
+    A key of the old layout that names a field of the domain section (``model.depth=4``) is applied there
+    (``image.model.depth=4``) with a deprecation notice."""
+    cfg = validate(cfg)
     tree = to_dict(cfg)
+    section = tree.get(cfg.domain) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"config override '{item}': value is not valid YAML ({e})") from None
-        _set_dotted(tree, key.strip(), value)
-    return validate(from_dict(Config, tree))
+        head = key.split(".", 1)[0]
+        if head not in tree and head in section:
+            log.warning("reed: deprecated override '%s': write '%s.%s' (domain sections since reed 0.2)",
+                        key, cfg.domain, key)
+            key = f"{cfg.domain}.{key}"
+        _set_dotted(tree, key, value)
+    return config_from_tree(tree)
+
+
+def config_from_tree(tree: dict[str, Any], source: str | None = None) -> Config:
+    """Build and validate a :class:`Config` from a YAML mapping. ``source`` (a file name) turns on the
+    deprecation notice for the old layout; configs stored in checkpoints upgrade silently."""
+    from reed.domains import domain_names, get_domain
+
+    tree = dict(tree)
+    domain = tree.get("domain", DEFAULT_DOMAIN)
+    if not isinstance(domain, str):
+        raise ConfigError(f"config key 'domain': expected a string, got {domain!r}")
+    spec = get_domain(domain)
+    legacy = [k for k in LEGACY_KEYS if k in tree]
+    if legacy:
+        if spec.upgrade is None:
+            raise ConfigError(f"unknown config keys {legacy} at the top level")
+        tree = spec.upgrade(tree)
+        if source is not None:
+            log.warning("reed: %s uses the old layout (top-level %s); it now belongs under '%s:' (loaded anyway)",
+                        source, ", ".join(legacy), domain)
+    sections = {}
+    for name in domain_names():
+        if name not in tree:
+            continue
+        value = tree.pop(name)
+        if value is None:
+            continue  # configs saved before domain sections hold e.g. `protein: null`
+        if name != domain:
+            raise ConfigError(f"config has a '{name}' section but its domain is '{domain}'")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}': expected a mapping, got {value!r}")
+        sections[name] = from_dict(spec.config, value, prefix=name)
+    core = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+    unknown = [k for k in tree if k not in core]
+    if unknown:
+        valid = core + [domain]
+        raise ConfigError(f"unknown config key '{unknown[0]}' (valid keys here: {', '.join(sorted(valid))})")
+    cfg = from_dict(Config, tree)
+    return validate(dataclasses.replace(cfg, sections=sections))
 
 
 def validate(cfg: Config) -> Config:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express; fills in a missing domain section with defaults."""
+    from reed.domains import get_domain
+
+    spec = get_domain(cfg.domain)
+    if cfg.domain not in cfg.sections:
+        cfg = dataclasses.replace(cfg, sections={**cfg.sections, cfg.domain: spec.config()})
+    other = sorted(set(cfg.sections) - {cfg.domain})
+    if other:
+        raise ConfigError(f"config has a '{other[0]}' section but its domain is '{cfg.domain}'")
     t = cfg.train
     for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
         if val < 1:
@@ -485,46 +379,22 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     if len(t.betas) != 2:
         raise ConfigError(f"config key 'train.betas' needs two numbers, got {t.betas}")
-    if not 0.0 <= cfg.process.label_dropout < 1.0:
-        raise ConfigError(f"config key 'process.label_dropout' must be in [0, 1), got {cfg.process.label_dropout}")
+    if t.epochs < 0:
+        raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
     names = [tg.name for tg in cfg.targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"target names must be unique, got {names}")
     for i, tg in enumerate(cfg.targets):
+        if tg.source not in spec.target_sources:
+            raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; {cfg.domain} runs take targets "
+                              f"from {', '.join(repr(s) for s in spec.target_sources)}")
         if len(tg.cutoffs) != 2 or tg.cutoffs[0] > tg.cutoffs[1]:
             raise ConfigError(f"config key 'targets.{i}.cutoffs' must be [low, high] with low <= high, "
                               f"got {tg.cutoffs}")
         if isinstance(tg.depth, int) and tg.depth < 1:
             raise ConfigError(f"config key 'targets.{i}.depth' must be >= 1, got {tg.depth}")
-        if tg.source in ("fitted_encoder", "file", "store", "protein_store") and not tg.path:
-            raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")
-    if cfg.domain == "protein":
-        if cfg.protein is None:
-            cfg = dataclasses.replace(cfg, protein=ProteinConfig())
-        pd = cfg.protein.data
-        if pd.token_budget < 1 or pd.max_length < 1:
-            raise ConfigError("config keys 'protein.data.token_budget' and 'protein.data.max_length' must be >= 1")
-        for i, tg in enumerate(cfg.targets):
-            if tg.source != "protein_store":
-                raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; protein runs take targets "
-                                  "from 'protein_store' (written by reed embed-protein)")
-    if cfg.domain == "molecule":
-        if cfg.molecule is None:
-            cfg = dataclasses.replace(cfg, molecule=MoleculeConfig())
-        md = cfg.molecule.data
-        if md.atom_budget < 1 or md.coord_std <= 0 or len(md.split) not in (2, 3):
-            raise ConfigError("config keys 'molecule.data.atom_budget' (>= 1), 'molecule.data.coord_std' (> 0) and "
-                              "'molecule.data.split' (2 or 3 fractions) are invalid")
-        for i, tg in enumerate(cfg.targets):
-            if tg.source != "molecule_encoder":
-                raise ConfigError(f"config key 'targets.{i}.source' is '{tg.source}'; molecule runs take targets from "
-                                  "'molecule_encoder'")
-    if t.epochs < 0:
-        raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
-    s = cfg.sample
-    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
-        raise ConfigError(f"sample.guidance_low/high must satisfy 0 <= low <= high <= 1, got {s.guidance_low}, "
-                          f"{s.guidance_high}")
+    if spec.validate is not None:
+        spec.validate(cfg)
     return cfg
 
 
@@ -541,7 +411,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    cfg = validate(from_dict(Config, tree))
+    cfg = config_from_tree(tree, source=str(path) if path is not None else None)
     return apply_overrides(cfg, overrides or []) if overrides else cfg
 
 
@@ -556,4 +426,6 @@ def config_from_yaml_text(text: str, source: str = "<checkpoint>") -> Config:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config stored in {source} is not valid YAML: {e}") from None
-    return validate(from_dict(Config, tree))
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config stored in {source} must hold a mapping at the top level")
+    return config_from_tree(tree)

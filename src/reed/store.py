@@ -16,7 +16,6 @@ manifest, the count and dims against what the run expects, the fingerprints, and
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reed.errors import DataError
+from reed.io import atomic_save_npy, atomic_write_json
 
 KIND = "reed.targets"
 VERSION = 1
@@ -34,13 +34,6 @@ _FULL_SCAN_BYTES = 2 << 30  # stores up to 2 GiB are scanned fully for NaN on op
 
 def shard_file(i: int) -> str:
     return f"z_{i:05d}.npy"
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 class TargetStoreWriter:
@@ -65,7 +58,7 @@ class TargetStoreWriter:
                 raise DataError(f"target store {self.dir} was started for a different job (differs in {diff}); "
                                 "use another directory or delete it")
         else:
-            spec.write_text(json.dumps(self.meta, indent=1))
+            atomic_write_json(spec, self.meta, indent=1)
 
     def shard_range(self, i: int) -> range:
         s = self.meta["shard_size"]
@@ -103,7 +96,7 @@ class TargetStoreWriter:
                                     f"{rows[j]}..{rows[j] + len(z) - 1}; nothing was written for shard {i}")
                 chunks.append(z.astype(np_dtype))
                 bar.update(len(z))
-            _atomic_npy(self.dir / shard_file(i), np.concatenate(chunks))
+            atomic_save_npy(self.dir / shard_file(i), np.concatenate(chunks))
         bar.close()
         return {"written": len(todo), "skipped": len(mine) - len(todo)}
 
@@ -115,9 +108,7 @@ class TargetStoreWriter:
         meta = dict(self.meta)
         meta["shards"] = [{"index": i, "count": len(self.shard_range(i)), "file": shard_file(i)}
                           for i in range(self.num_shards)]
-        tmp = self.dir / f".manifest.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, self.dir / "manifest.json")
+        atomic_write_json(self.dir / "manifest.json", meta, indent=1)
         return self.dir / "manifest.json"
 
 

@@ -32,7 +32,6 @@ import torch
 from tqdm.auto import tqdm
 
 from reed.checkpoint import (
-    atomic_write_text,
     load_into,
     load_optimizer_state,
     load_weights,
@@ -43,18 +42,18 @@ from reed.checkpoint import (
     save_checkpoint,
 )
 from reed.config import Config, config_from_yaml_text, dump_config, to_dict
-from reed.domains import build_denoiser, get_task
+from reed.domains import get_domain, get_task
 from reed.ema import EMA
 from reed.errors import ConfigError, NonFiniteLossError
-from reed.image.task import align_terms, build_objective, preview_samples, resolve_model_config
+from reed.io import atomic_write_text
 from reed.objective import ReedModule
 from reed.plots import plot_loss_curve
 
-__all__ = ["train", "TrainResult", "build_denoiser", "build_objective", "resolve_model_config", "align_terms",
-           "preview_samples", "config_differences"]
+__all__ = ["train", "TrainResult", "config_differences", "resume_config"]
 
-# config sections that must match the checkpoint when resuming (train.* may change, e.g. more steps)
-RESUME_MUST_MATCH = ("seed", "domain", "data", "model", "process", "targets", "objective", "protein", "molecule")
+# shared config sections that must match the checkpoint when resuming (train.* may change, e.g. more steps),
+# besides the domain's own section (less what the domain lets change, e.g. image.sample)
+RESUME_MUST_MATCH = ("seed", "domain", "targets", "objective")
 
 
 def _flatten(obj, prefix: str = "") -> dict[str, object]:
@@ -71,12 +70,23 @@ def _flatten(obj, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def config_differences(now: Config, saved: Config, sections=RESUME_MUST_MATCH) -> list[str]:
-    """Keys in ``sections`` whose values differ; fields left ``None`` now (resolved at run time) are ignored."""
-    a = _flatten({s: to_dict(now)[s] for s in sections})
-    b = _flatten({s: to_dict(saved)[s] for s in sections})
+def config_differences(now: Config, saved: Config) -> list[str]:
+    """Keys that must match on resume but differ; fields left ``None`` now (resolved at run time) are ignored."""
+    may_change = tuple(f"{saved.domain}.{k}" for k in get_domain(saved.domain).resume_may_change)
+    sections = (*RESUME_MUST_MATCH, saved.domain)
+    a = _flatten({s: to_dict(now).get(s) for s in sections})
+    b = _flatten({s: to_dict(saved).get(s) for s in sections})
     return [f"{k} ({b.get(k)!r} in checkpoint, {a.get(k)!r} now)" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not (a.get(k) is None and k in b)]
+            if a.get(k) != b.get(k) and not (a.get(k) is None and k in b)
+            and not any(k == m or k.startswith(m + ".") for m in may_change)]
+
+
+def resume_config(now: Config, saved: Config) -> Config:
+    """The checkpoint's config with what may change on resume taken from ``now``: ``train`` and the parts of the
+    domain section the domain names (e.g. ``image.sample``)."""
+    keep = {k: getattr(now.section, k) for k in get_domain(saved.domain).resume_may_change}
+    cfg = replace(saved, train=now.train)
+    return cfg.with_section(**keep) if keep else cfg
 
 
 @dataclass
@@ -110,9 +120,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     run_dir = Path(out_dir)
     tc = cfg.train
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
-    # the protein denoiser computes a decoder layer's edge branch only when something uses it, so some
-    # parameters can go without gradient in a step; DDP must be told
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if cfg.domain == "protein" else []
+    unused = get_domain(cfg.domain).find_unused_parameters  # parameters that may get no gradient in a step
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.log_with or None,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     device = accelerator.device
@@ -125,7 +134,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         diffs = config_differences(cfg, saved)
         if diffs:
             raise ConfigError(f"config does not match the checkpoint {ckpt}: " + "; ".join(diffs[:8]))
-        cfg = replace(saved, train=cfg.train, sample=cfg.sample)
+        cfg = resume_config(cfg, saved)
     task = get_task(cfg)
     cfg = task.setup(device=device, main_process_first=accelerator.main_process_first,
                      progress=tc.progress and accelerator.is_main_process, world=accelerator.num_processes)

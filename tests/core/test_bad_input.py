@@ -28,7 +28,7 @@ def tiny_npz(path: Path, n: int = 40, size: int = 8) -> Path:
 def file_target_cfg(tmp_path, z: np.ndarray, *extra):
     np.save(tmp_path / "z.npy", z)
     data = tiny_npz(tmp_path / "d.npz")
-    return load_config(DEMO, ["data.name=npz", f"data.path={data}", "targets=[]", "train.steps=3",
+    return load_config(DEMO, ["image.data.name=npz", f"image.data.path={data}", "targets=[]", "train.steps=3",
                               "train.batch_size=8", "train.progress=false", f"train.cache_dir={tmp_path / 'c'}",
                               *extra]), data
 
@@ -45,7 +45,7 @@ def test_npz_dataset_with_file_target_trains(tmp_path):
     cfg = with_file_target(cfg, tmp_path, kind="tokens", depth=1)
     res = train(cfg, tmp_path / "run")
     assert res.step == 3
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.image.data)
     assert ds.shape == (3, 8, 8) and ds.num_classes == 4
     assert ds.images.min() >= -1 and ds.images.max() <= 1
 
@@ -83,7 +83,8 @@ def test_missing_files(tmp_path):
     with pytest.raises(DataError, match="target file not found: .*nothere.npy"):
         load_array(tmp_path / "nothere.npy")
     with pytest.raises(DataError, match="data file not found: .*nodata.npz"):
-        load_dataset(load_config(DEMO, ["data.name=npz", f"data.path={tmp_path / 'nodata.npz'}"]).data)
+        load_dataset(load_config(DEMO, ["image.data.name=npz",
+                                        f"image.data.path={tmp_path / 'nodata.npz'}"]).image.data)
     ds = ImageDataset("x", torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 1)
     tg = TargetConfig(name="ssl", source="fitted_encoder", path=str(tmp_path / "no-encoder"))
     with pytest.raises(DataError, match=r"target 'ssl'.*no-encoder.*reed fit-encoder"):
@@ -96,10 +97,11 @@ def test_corrupt_files(tmp_path):
         load_array(tmp_path / "bad.npy")
     (tmp_path / "bad.npz").write_bytes(b"PK garbage")
     with pytest.raises(DataError, match="bad.npz"):
-        load_dataset(load_config(DEMO, ["data.name=npz", f"data.path={tmp_path / 'bad.npz'}"]).data)
+        load_dataset(load_config(DEMO, ["image.data.name=npz", f"image.data.path={tmp_path / 'bad.npz'}"]).image.data)
     np.savez(tmp_path / "nolabels.npz", images=np.zeros((3, 8, 8), np.uint8))
     with pytest.raises(DataError, match="no 'labels'"):
-        load_dataset(load_config(DEMO, ["data.name=npz", f"data.path={tmp_path / 'nolabels.npz'}"]).data)
+        load_dataset(load_config(DEMO, ["image.data.name=npz",
+                                        f"image.data.path={tmp_path / 'nolabels.npz'}"]).image.data)
 
 
 def test_batch_larger_than_dataset():

@@ -12,10 +12,10 @@ def _repo_root(monkeypatch, request):
 
 
 def test_demo_config_loads_with_overrides():
-    cfg = load_config(DEMO, ["train.steps=200", "model.depth=4", "targets.1.coeff=0.25", "objective.method=repa",
+    cfg = load_config(DEMO, ["train.steps=200", "image.model.depth=4", "targets.1.coeff=0.25", "objective.method=repa",
                              "train.betas=[0.9, 0.95]"])
     assert isinstance(cfg, Config)
-    assert cfg.train.steps == 200 and cfg.model.depth == 4
+    assert cfg.train.steps == 200 and cfg.image.model.depth == 4
     assert cfg.targets[1].coeff == 0.25 and isinstance(cfg.targets[1].coeff, float)
     assert cfg.objective.method == "repa" and cfg.train.betas == [0.9, 0.95]
     assert cfg.targets[0].kind == "tokens" and cfg.targets[1].kind == "pooled"
@@ -41,7 +41,7 @@ def test_unknown_keys_are_named(override, needle):
 @pytest.mark.parametrize("override,needle", [
     ("train.steps=abc", "train.steps"),
     ("train.steps=1.5", "train.steps"),
-    ("model.qk_norm=3", "model.qk_norm"),
+    ("image.model.qk_norm=3", "model.qk_norm"),
     ("objective.method=dit", "objective.method"),
     ("targets.0.kind=grid", "targets.0.kind"),
     ("train.lr=fast", "train.lr"),

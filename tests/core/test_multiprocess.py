@@ -19,8 +19,8 @@ def test_two_process_training_and_sampling(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "reed.cli"]
-    train = [*torchrun, "train", str(ROOT / "configs" / "demo.yaml"), "data.name=npz",
-             f"data.path={tmp_path / 'd.npz'}", f"targets={target}", "objective.method=repa", "train.steps=4",
+    train = [*torchrun, "train", str(ROOT / "configs" / "demo.yaml"), "image.data.name=npz",
+             f"image.data.path={tmp_path / 'd.npz'}", f"targets={target}", "objective.method=repa", "train.steps=4",
              "train.batch_size=16", "train.log_every=1", "train.progress=false", "train.sample_every=0",
              f"train.cache_dir={tmp_path / 'c'}",
              "--out", str(run)]

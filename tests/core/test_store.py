@@ -38,7 +38,7 @@ def test_embed_matches_direct_computation_and_resumes(encoder_dir, tmp_path):
     rep = embed_target(cfg, "ssl", out, dtype="float32", shard_size=500, progress=False)
     assert rep["shape"] == [16, 16] and rep["count"] == 1797 and rep["written"] == 4
     store = TargetStore(out, expect_count=1797, expect_dim=16)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.image.data)
     enc = load_encoder(encoder_dir)
     idx = torch.tensor([1796, 0, 501, 3, 1000])
     with torch.no_grad():

@@ -23,7 +23,7 @@ def workdir(tmp_path_factory):
     """A cache dir holding a quickly fitted digits encoder, shared by the tests of this module."""
     d = tmp_path_factory.mktemp("e2e")
     enc = d / "encoder"
-    rc = main(["fit-encoder", str(DEMO), f"targets.0.path={enc}", "fit.steps=40", "train.progress=false"])
+    rc = main(["fit-encoder", str(DEMO), f"targets.0.path={enc}", "image.fit.steps=40", "train.progress=false"])
     assert rc == 0 and (enc / "encoder.safetensors").is_file()
     return d
 
@@ -31,7 +31,7 @@ def workdir(tmp_path_factory):
 def small(workdir, *extra):
     """Demo config shrunk for tests (fast, still both targets)."""
     return [f"targets.0.path={workdir / 'encoder'}", f"train.cache_dir={workdir / 'cache'}", "train.batch_size=64",
-            "train.progress=false", "train.sample_every=0", "train.num_preview=10", "sample.steps=5",
+            "train.progress=false", "train.sample_every=0", "train.num_preview=10", "image.sample.steps=5",
             "objective.curriculum.gen_warmup=10", "train.log_every=1", *extra]
 
 
@@ -101,7 +101,7 @@ def test_resume_reproduces_uninterrupted_run(workdir):
 
 def test_resume_with_mismatched_config_is_refused(workdir, capsys):
     run = workdir / "full"
-    rc = main(["train", str(DEMO), *small(workdir, "train.steps=20", "model.preset=SiT-T/4"), "--out", str(run),
+    rc = main(["train", str(DEMO), *small(workdir, "train.steps=20", "image.model.preset=SiT-T/4"), "--out", str(run),
                "--resume"])
     assert rc == 2
     assert "model.preset" in capsys.readouterr().err

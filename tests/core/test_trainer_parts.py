@@ -70,7 +70,8 @@ def test_accumulation_and_bf16_train(tmp_path, extra):
     np.savez(data, images=rng.integers(0, 255, (64, 8, 8), dtype=np.uint8), labels=np.arange(64) % 3)
     np.save(tmp_path / "z.npy", rng.standard_normal((64, 16, 8)).astype(np.float32))
     cfg = load_config(ROOT / "configs" / "demo.yaml", [
-        "data.name=npz", f"data.path={data}", "train.steps=6", "train.batch_size=16", "train.progress=false",
+        "image.data.name=npz", f"image.data.path={data}", "train.steps=6", "train.batch_size=16",
+            "train.progress=false",
         "train.log_every=1", f"train.cache_dir={tmp_path / 'c'}",
         f"targets=[{{name: f, source: file, path: {tmp_path / 'z.npy'}, kind: tokens, depth: 1, projector_dim: 8}}]",
         *extra])

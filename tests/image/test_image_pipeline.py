@@ -57,13 +57,15 @@ def prepared(tmp_path_factory):
 
 
 def overrides(d: Path, *extra):
-    return ["data.name=latents", f"data.path={d / 'latents'}", "model.preset=SiT-T/4", "train.batch_size=8",
+    return ["image.data.name=latents", f"image.data.path={d / 'latents'}", "image.model.preset=SiT-T/4",
+            "train.batch_size=8",
             "train.steps=6", "train.checkpoint_every=3", "train.log_every=1", "train.progress=false",
-            "train.sample_every=0", "train.num_preview=6", "sample.steps=3", f"train.cache_dir={d / 'cache'}",
+            "train.sample_every=0", "train.num_preview=6", "image.sample.steps=3", f"train.cache_dir={d / 'cache'}",
             "objective.curriculum.gen_warmup=2",
             f"targets=[{{name: ssl, source: fitted_encoder, path: {d / 'enc'}, kind: tokens, depth: 2, "
-            f"projector_dim: 32, store: {d / 'store_ssl'}}}]", "fit.steps=5", "fit.batch_size=8", "fit.dim=16",
-            "fit.width=16", "fit.downsample=3", *extra]
+            f"projector_dim: 32, store: {d / 'store_ssl'}}}]", "image.fit.steps=5", "image.fit.batch_size=8",
+                "image.fit.dim=16",
+            "image.fit.width=16", "image.fit.downsample=3", *extra]
 
 
 def test_latent_training_with_store_targets_end_to_end(prepared, tmp_path):
@@ -99,7 +101,8 @@ def test_online_encoder_and_store_give_the_same_training(prepared, tmp_path):
                              num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "dino")
     tgt = (f"{{name: dino, source: encoder, encoder: dinov2-vit-s, path: {tmp_path / 'dino'}, kind: tokens, "
            f"depth: 2, projector_dim: 16}}")
-    base = ["data.name=images", f"data.path={d / 'images'}", "model.preset=SiT-T/4", "train.batch_size=8",
+    base = ["image.data.name=images", f"image.data.path={d / 'images'}", "image.model.preset=SiT-T/4",
+            "train.batch_size=8",
             "train.steps=3", "train.log_every=1", "train.progress=false", "train.sample_every=0",
             "objective.method=repa", f"train.cache_dir={tmp_path / 'cache'}"]
     cfg = str(ROOT / "configs" / "demo.yaml")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from reed.cli import main
+from reed.domains import load_denoiser
 from reed.errors import CheckpointError
-from reed.image.generate import load_denoiser
 from reed.image.official import import_official
 
 D, HEADS, DEPTH, P, SIZE, C, K = 32, 4, 2, 2, 8, 4, 10
@@ -80,8 +80,9 @@ def test_imported_model_equals_reference_forward(official_file, tmp_path):
     ck = import_official(path, tmp_path / "imported", keep_projectors=True, num_heads=HEADS)
     assert ck.name == "step_0004000"
     model, cfg, _ = load_denoiser(tmp_path / "imported")
-    assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.patch_size) == (DEPTH, D, HEADS, P)
-    assert cfg.model.num_classes == K and cfg.model.input_size == SIZE and cfg.model.in_channels == C
+    m = cfg.image.model
+    assert (m.depth, m.hidden_size, m.num_heads, m.patch_size) == (DEPTH, D, HEADS, P)
+    assert m.num_classes == K and m.input_size == SIZE and m.in_channels == C
     assert [t.dim for t in cfg.targets] == [24, 16] and all(t.depth == 2 for t in cfg.targets)
     g = torch.Generator().manual_seed(3)
     x, t, y = torch.randn(3, C, SIZE, SIZE, generator=g), torch.rand(3, generator=g), torch.tensor([0, 5, K])

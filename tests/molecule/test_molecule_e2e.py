@@ -19,7 +19,7 @@ def setup(tmp_path_factory, shared_data):
     cfg["molecule"]["sample"] = {"steps": 8, "grid": "log", "eta": 1.0}
     cfg["molecule"].update(eval_every=0, eval_num=6)
     cfg["targets"][0].update(path=str(root / "encoder"), depth=3, projector_dim=64)
-    cfg["fit"] = {"width": 32, "steps": 20, "lr": 1e-3}
+    cfg["molecule"]["fit"] = {"width": 32, "steps": 20, "lr": 1e-3}
     cfg["objective"]["curriculum"] = {"unit": "epoch", "gen_warmup": 0}
     cfg["train"].update(epochs=6, lr=2e-3, lr_warmup=0, ema_decay=0.0, log_every=1, checkpoint_every=0,
                         progress=False, cache_dir=str(root / "cache"))

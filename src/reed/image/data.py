@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reed.config import DataConfig
 from reed.errors import DataError
+from reed.image.config import DataConfig
 
 
 @dataclass

@@ -4,36 +4,18 @@ a PNG grid and a JSON record of every sampling setting."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from reed.checkpoint import load_into, load_weights, read_config_text, resolve_checkpoint
-from reed.config import config_from_yaml_text
+from reed.domains import load_denoiser
 from reed.errors import CheckpointError
 from reed.image.data import to_uint8
+from reed.io import atomic_save_npy, atomic_savez, atomic_write_json, atomic_write_text, pick_device, progress_bar
 from reed.plots import save_image_grid
 from reed.processes.flow import FlowProcess
 from reed.sampling.samplers import sample as run_sampler
-
-
-def load_denoiser(run_or_ckpt: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"):
-    """(denoiser in eval mode, config, checkpoint dir) from a run directory or a checkpoint directory."""
-    from reed.domains import build_denoiser
-
-    ckpt = resolve_checkpoint(run_or_ckpt)
-    cfg = config_from_yaml_text(read_config_text(ckpt), str(ckpt))
-    model = build_denoiser(cfg)
-    if use_ema:
-        load_into(model, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
-    else:
-        w = load_weights(ckpt, "model")
-        load_into(model, {k[len("denoiser."):]: v for k, v in w.items() if k.startswith("denoiser.")},
-                  str(ckpt / "model.safetensors"))
-    return model.to(device).eval().requires_grad_(False), cfg, ckpt
 
 
 class LatentDecoder:
@@ -53,11 +35,11 @@ class LatentDecoder:
 def latent_decoder(cfg, ckpt: Path, vae: str | None, device: torch.device) -> LatentDecoder | None:
     """The VAE decoder for a latent-space run: ``vae`` if given, else the one recorded with the run's latents or
     the imported checkpoint; None for pixel-space runs."""
-    if cfg.data.name != "latents":
+    if cfg.image.data.name != "latents":
         return None
     scale, shift, recorded = 0.18215, 0.0, None
-    if cfg.data.path and (Path(cfg.data.path) / "manifest.json").is_file():
-        man = json.loads((Path(cfg.data.path) / "manifest.json").read_text())
+    if cfg.image.data.path and (Path(cfg.image.data.path) / "manifest.json").is_file():
+        man = json.loads((Path(cfg.image.data.path) / "manifest.json").read_text())
         scale, shift, recorded = float(man.get("scale", scale)), float(man.get("shift", shift)), man.get("vae")
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     recorded = recorded or state.get("extra", {}).get("vae")
@@ -96,19 +78,19 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
     ``barrier()``, process 0 packs the first ``num`` samples (``arr_0`` uint8 (N,H,W,C), ``arr_1`` labels), a PNG grid
     and a JSON record of every setting. Returns that record (process 0) or this process's report.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(device)
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
     model, cfg, ckpt = load_denoiser(run_or_ckpt, use_ema=use_ema, device=dev)
-    sc = cfg.sample
+    sc = cfg.image.sample
     settings = {
         "sampler": sampler or sc.sampler, "steps": steps or sc.steps,
         "cfg_scale": sc.cfg_scale if cfg_scale is None else cfg_scale,
         "guidance_low": sc.guidance_low if guidance[0] is None else guidance[0],
         "guidance_high": sc.guidance_high if guidance[1] is None else guidance[1],
     }
-    k = cfg.model.num_classes
+    k = cfg.image.model.num_classes
     ys = _labels(num, k, labels, seed)
-    c, s = cfg.model.in_channels, cfg.model.input_size
+    c, s = cfg.image.model.in_channels, cfg.image.model.input_size
     decoder = latent_decoder(cfg, ckpt, vae, dev)
     out = Path(out) if out else Path(run_or_ckpt) / "samples.npz"
     parts = out.with_name(out.name + ".parts")
@@ -119,11 +101,11 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
     if job_file.is_file() and json.loads(job_file.read_text()) != job:
         raise CheckpointError(f"{parts} holds parts of a different sampling job; delete it or choose another --out")
     if process_index == 0:
-        job_file.write_text(json.dumps(job))
+        atomic_write_text(job_file, json.dumps(job))
     n_chunks = (num + batch_size - 1) // batch_size
     mine = [ch for ch in range(n_chunks) if ch % num_processes == process_index]
     todo = [ch for ch in mine if not (parts / f"chunk_{ch:06d}.npy").is_file()]
-    for ch in tqdm(todo, disable=not progress, desc=f"sample [{process_index}/{num_processes}]"):
+    for ch in progress_bar(todo, progress, f"sample [{process_index}/{num_processes}]"):
         lo, hi = ch * batch_size, min((ch + 1) * batch_size, num)
         g = torch.Generator().manual_seed(_chunk_seed(seed, ch))
         y = ys[lo:hi].to(dev)
@@ -132,11 +114,9 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
         x = run_sampler(lambda xx, tt, yy: model(xx, tt, yy)[0], noise, y, sampler=settings["sampler"],
                         steps=settings["steps"], null_class=model.null_class, cfg_scale=settings["cfg_scale"],
                         guidance=(settings["guidance_low"], settings["guidance_high"]),
-                        process=FlowProcess(cfg.process.path), generator=sde_gen)
+                        process=FlowProcess(cfg.image.process.path), generator=sde_gen)
         imgs = to_uint8(decoder(x) if decoder is not None else x)
-        tmp = parts / f".chunk_{ch:06d}.tmp-{os.getpid()}.npy"
-        np.save(tmp, imgs)
-        os.replace(tmp, parts / f"chunk_{ch:06d}.npy")
+        atomic_save_npy(parts / f"chunk_{ch:06d}.npy", imgs)
     if barrier is not None:
         barrier()
     if process_index != 0:
@@ -146,14 +126,12 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
         raise CheckpointError(f"sampling chunks {missing[:8]} are missing in {parts}; rerun to complete them")
     images = np.concatenate([np.load(parts / f"chunk_{ch:06d}.npy") for ch in range(n_chunks)])[:num]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(tmp, arr_0=images, arr_1=ys.numpy().astype(np.int64))
-    tmp.replace(out)
+    atomic_savez(out, {"arr_0": images, "arr_1": ys.numpy().astype(np.int64)})
     grid = save_image_grid(images[: min(num, 100)], out.with_suffix(".png"), nrow=k if k <= 16 else None)
     record = {"num": int(num), "npz": str(out), "grid": str(grid), "checkpoint": str(ckpt),
               "weights": "ema" if use_ema else "raw", "labels": labels, "seed": seed, "batch_size": batch_size,
               "num_processes": num_processes, "vae": decoder.name if decoder is not None else None, **settings}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), record, indent=2)
     if not keep_parts:
         import shutil
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from reed.checkpoint import save_checkpoint
-from reed.config import Config, DataConfig, ModelConfig, TargetConfig, dump_config, validate
+from reed.config import Config, TargetConfig, dump_config, validate
 from reed.errors import CheckpointError
+from reed.image.config import DataConfig, ImageConfig, ModelConfig, SampleConfig
 
 HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
 _PROJ = re.compile(r"^projectors\.(\d+)\.(\d+)\.(weight|bias)$")
@@ -120,9 +120,9 @@ def import_official(path: str | Path, out: str | Path, *, which: str = "ema", ke
                             depth=min(depth, model_cfg.depth), dim=d, projector_dim=int(proj[f"proj{k}.net.0.weight"]
                                                                                       .shape[0]))
                for k, d in sorted(dims.items())]
-    cfg = Config(data=DataConfig(name="latents", path=latents), model=model_cfg, targets=targets)
-    cfg = replace(cfg, sample=replace(cfg.sample, sampler="sde", steps=250))
-    validate(cfg)
+    image = ImageConfig(data=DataConfig(name="latents", path=latents), model=model_cfg,
+                        sample=SampleConfig(sampler="sde", steps=250))
+    cfg = validate(Config(domain="image", targets=targets, sections={"image": image}))
     model = build_denoiser(cfg)
     load_into(model, den, f"{path} ({which})")
     weights = {f"denoiser.{k}": v for k, v in model.state_dict().items()}

@@ -11,10 +11,11 @@ Sharding, resuming, atomicity:
 * Shard ``i`` is made from the files ``[i*S, (i+1)*S)`` of the sorted list, so which file lands in which shard never
   depends on the number of processes. Process ``p`` of ``P`` writes the shards with ``i % P == p`` (pass
   ``accelerator.process_index`` / ``num_processes`` under ``accelerate launch``).
-* Every ``.npy``, text and JSON file is written to ``<name>.tmp<pid>`` and renamed into place. A shard is finished when
-  its sidecar ``shard_00000.json`` (count, sha256, skipped files, and the parameters it was made with) exists; the
-  sidecar is written last and removed first when a shard is redone. A rerun re-hashes each of its shards and keeps
-  those that verify; a shard with a missing/changed file, a stale sidecar or a leftover temp file is redone.
+* Every ``.npy``, text and JSON file is written atomically (:mod:`reed.io`: a unique temp name, then a rename).
+  A shard is finished when its sidecar ``shard_00000.json`` (count, sha256, skipped files, and the parameters it
+  was made with) exists; the sidecar is written last and removed first when a shard is redone. A rerun re-hashes
+  each of its shards and keeps those that verify; a shard with a missing/changed file, a stale sidecar or a leftover
+  temp file is redone.
 * With ``finalize=True`` a process that finds every shard finished after its own work writes ``manifest.json``
   (so the last process to finish writes it; concurrent writers produce identical bytes). Readers need the manifest.
   :func:`finalize_images` / :func:`finalize_latents` do this step alone, e.g. after ``accelerator.wait_for_everyone()``.
@@ -55,6 +56,15 @@ from reed.image.shards import (
     fingerprint_of,
     sha256_files,
 )
+from reed.io import (
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    commit,
+    stale_temps,
+    temp_file,
+)
 
 __all__ = [
     "center_crop_adm",
@@ -74,41 +84,13 @@ def _say(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
-
-
-def _replace_synced(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _replace_synced(tmp, path)
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-        np.save(f, arr, allow_pickle=False)
-    _replace_synced(tmp, path)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    _atomic_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
-
-
 def _name(prefix: str, i: int, ext: str) -> str:
     return f"{prefix}_{i:05d}.{ext}"
 
 
 def _temp_files(out: Path, i: int) -> list[Path]:
-    """Leftover temp files of shard ``i`` (an interrupted write)."""
-    return sorted(out.glob(f"*_{i:05d}.*.tmp*"))
+    """Leftover temp files of shard ``i`` (an interrupted write; also those named the way older versions did)."""
+    return stale_temps(out, f"*_{i:05d}.*")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -255,44 +237,42 @@ def _write_image_shard(
     for t in _temp_files(out, i):
         t.unlink(missing_ok=True)
     img_path = out / files["images"]
-    tmp = _tmp(img_path)
-    rows = _open_memmap(tmp, np.uint8, (len(entries), resolution, resolution, 3))
     labels: list[int] = []
     sources: list[str] = []
     skipped: list[dict[str, str]] = []
-    for (rel, label), res in zip(entries, _decode(src, [r for r, _ in entries], resolution, num_workers)):
-        if isinstance(res, str):
-            skipped.append({"file": rel, "error": res})
-            _say(f"skipped {src / rel}: {res}")
+    with temp_file(img_path) as tmp:
+        rows = _open_memmap(tmp, np.uint8, (len(entries), resolution, resolution, 3))
+        for (rel, label), res in zip(entries, _decode(src, [r for r, _ in entries], resolution, num_workers)):
+            if isinstance(res, str):
+                skipped.append({"file": rel, "error": res})
+                _say(f"skipped {src / rel}: {res}")
+            else:
+                rows[len(labels)] = res
+                labels.append(label)
+                sources.append(rel)
+            bar.update(1)
+        n = len(labels)
+        rows.flush()
+        if n < len(entries):  # skipped files: copy the n written rows into a file of the right length
+            with atomic_path(img_path) as short_tmp:
+                if n:
+                    short = _open_memmap(short_tmp, np.uint8, (n, resolution, resolution, 3))
+                    for a in range(0, n, 256):
+                        short[a : min(a + 256, n)] = rows[a : min(a + 256, n)]
+                    short.flush()
+                    del short
+                else:
+                    with open(short_tmp, "wb") as f:
+                        np.save(f, np.zeros((0, resolution, resolution, 3), np.uint8))
+            del rows
         else:
-            rows[len(labels)] = res
-            labels.append(label)
-            sources.append(rel)
-        bar.update(1)
-    n = len(labels)
-    rows.flush()
-    if n < len(entries):  # skipped files: copy the n written rows into a file of the right length
-        tmp2 = img_path.with_name(f"{img_path.name}.tmp{os.getpid()}b")
-        if n:
-            short = _open_memmap(tmp2, np.uint8, (n, resolution, resolution, 3))
-            for a in range(0, n, 256):
-                short[a : min(a + 256, n)] = rows[a : min(a + 256, n)]
-            short.flush()
-            del short
-        else:
-            with open(tmp2, "wb") as f:
-                np.save(f, np.zeros((0, resolution, resolution, 3), np.uint8))
-        del rows
-        tmp.unlink()
-        tmp = tmp2
-    else:
-        del rows
-    _replace_synced(tmp, img_path)
-    _atomic_npy(out / files["labels"], np.asarray(labels, dtype=np.int64))
-    _atomic_bytes(out / files["sources"], "".join(s + "\n" for s in sources).encode("utf-8", "surrogateescape"))
+            del rows
+            commit(tmp, img_path)
+    atomic_save_npy(out / files["labels"], np.asarray(labels, dtype=np.int64))
+    atomic_write_bytes(out / files["sources"], "".join(s + "\n" for s in sources).encode("utf-8", "surrogateescape"))
     sha = sha256_files([out / files[k] for k in ("images", "labels", "sources")])
     side = {**params, "count": n, "sha256": sha, "skipped": skipped}
-    _atomic_json(out / _name("shard", i, "json"), side)
+    atomic_write_json(out / _name("shard", i, "json"), side, indent=1)
     return side
 
 
@@ -325,7 +305,7 @@ def _finish_images(
         "skipped": [k for s in sides for k in s["skipped"]],
         "source": str(src.resolve()),
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
     return manifest, []
 
 
@@ -492,25 +472,24 @@ def _write_latent_shard(
     for t in _temp_files(out, i):
         t.unlink(missing_ok=True)
     path = out / params["moments"]
-    tmp = _tmp(path)
-    if n == 0:
-        with open(tmp, "wb") as f:
-            np.save(f, np.zeros((0, 2 * c, h, h), params["dtype"]))
-    else:
-        rows = _open_memmap(tmp, params["dtype"], (n, 2 * c, h, h))
-        base = int(images.offsets[i])
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            m = _encode(vae, images.images(np.arange(base + a, base + b)), device)
-            if m.shape[1:] != (2 * c, h, h):
-                raise DataError(f"the VAE produced moments of shape {m.shape[1:]}, expected {(2 * c, h, h)}")
-            rows[a:b] = m
-            bar.update(b - a)
-        rows.flush()
-        del rows
-    _replace_synced(tmp, path)
+    with atomic_path(path) as tmp:
+        if n == 0:
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros((0, 2 * c, h, h), params["dtype"]))
+        else:
+            rows = _open_memmap(tmp, params["dtype"], (n, 2 * c, h, h))
+            base = int(images.offsets[i])
+            for a in range(0, n, batch_size):
+                b = min(a + batch_size, n)
+                m = _encode(vae, images.images(np.arange(base + a, base + b)), device)
+                if m.shape[1:] != (2 * c, h, h):
+                    raise DataError(f"the VAE produced moments of shape {m.shape[1:]}, expected {(2 * c, h, h)}")
+                rows[a:b] = m
+                bar.update(b - a)
+            rows.flush()
+            del rows
     side = {**params, "sha256": sha256_files([path])}
-    _atomic_json(out / _name("shard", i, "json"), side)
+    atomic_write_json(out / _name("shard", i, "json"), side, indent=1)
     return side
 
 
@@ -530,7 +509,7 @@ def _finish_latents(out: Path, images: ImageShards, header: dict[str, Any], all_
         "shards": [{"index": s["index"], "count": s["count"], "moments": s["moments"], "sha256": s["sha256"]}
                    for s in sides],
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
     return manifest, []
 
 

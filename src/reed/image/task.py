@@ -8,11 +8,14 @@ from pathlib import Path
 import torch
 
 from reed.config import Config, to_dict
+from reed.domains import build_objective as domain_objective
+from reed.domains import resolve_targets
 from reed.errors import ConfigError
 from reed.image.data import batch_indices, load_dataset, to_uint8
 from reed.image.sit import SiT, build_sit, drop_labels
 from reed.image.targets.prepare import prepare_targets
-from reed.objective import AlignTerm, Curriculum, Objective, ReedModule, active_terms
+from reed.io import eval_mode
+from reed.objective import Objective, ReedModule
 from reed.plots import save_image_grid
 from reed.processes.flow import FlowProcess
 from reed.sampling.samplers import sample as run_sampler
@@ -23,7 +26,7 @@ def resolve_model_config(cfg: Config, ds) -> Config:
     c, h, w = ds.shape
     if h != w:
         raise ConfigError(f"images must be square for SiT, got {h}x{w}")
-    m = cfg.model
+    m = cfg.image.model
     for key, have in (("input_size", h), ("in_channels", c)):
         val = getattr(m, key)
         if val is not None and val != have:
@@ -32,12 +35,12 @@ def resolve_model_config(cfg: Config, ds) -> Config:
         raise ConfigError(f"config key 'model.num_classes' is {m.num_classes} but the data have {ds.num_classes} "
                           "classes")
     m = replace(m, input_size=h, in_channels=c, num_classes=m.num_classes or ds.num_classes)
-    return replace(cfg, model=m)
+    return cfg.with_section(model=m)
 
 
 def build_sit_denoiser(cfg: Config) -> SiT:
-    """The SiT described by ``cfg.model`` (input_size/in_channels/num_classes must be resolved)."""
-    m = cfg.model
+    """The SiT described by ``cfg.image.model`` (input_size/in_channels/num_classes must be resolved)."""
+    m = cfg.image.model
     over = {k: v for k, v in to_dict(m).items() if k != "preset" and v is not None}
     try:
         return build_sit(m.preset, **over)
@@ -45,28 +48,9 @@ def build_sit_denoiser(cfg: Config) -> SiT:
         raise ConfigError(f"model config: {e}") from None
 
 
-def align_terms(cfg: Config) -> list[AlignTerm]:
-    """Alignment terms of the config (target ``dim`` must be resolved)."""
-    return [AlignTerm(name=t.name, dim=int(t.dim or 0), depth=t.depth, kind=t.kind, coeff=t.coeff,
-                      time_weight=t.time_weight, cutoffs=tuple(t.cutoffs), modality=t.modality,
-                      projector_dim=t.projector_dim, projector_layers=t.projector_layers,
-                      standardize=t.standardize) for t in cfg.targets]
-
-
-def curriculum(cfg: Config, steps_per_unit: int = 1) -> Curriculum:
-    """The config's curriculum; for ``unit: epoch`` counts are epochs of ``steps_per_unit`` steps."""
-    c = cfg.objective.curriculum
-    unit = steps_per_unit if c.unit == "epoch" else 1
-    total = max(cfg.train.steps // unit, 1)
-    return Curriculum(gen_start=c.gen_start, gen_warmup=c.gen_warmup, gen_decay=c.gen_decay,
-                      align_decay=c.align_decay, align_steps=c.align_steps, total=total, steps_per_unit=unit)
-
-
 def build_objective(cfg: Config) -> Objective:
-    p = cfg.process
-    process = FlowProcess(p.path, p.time_sampling, p.lognormal_mean, p.lognormal_std)
-    return Objective(process, align_terms(cfg), method=cfg.objective.method, proj_coeff=cfg.objective.proj_coeff,
-                     curriculum=curriculum(cfg))
+    p = cfg.image.process
+    return domain_objective(cfg, FlowProcess(p.path, p.time_sampling, p.lognormal_mean, p.lognormal_std))
 
 
 def check_depths(cfg: Config, depth: int) -> None:
@@ -80,38 +64,37 @@ def check_depths(cfg: Config, depth: int) -> None:
 @torch.no_grad()
 def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, seed: int) -> torch.Tensor:
     """Class-balanced samples (num,C,H,W) in [-1,1] from ``denoiser`` in eval mode with fixed noise and labels."""
-    was_training = denoiser.training
-    denoiser.eval()
     g = torch.Generator().manual_seed(seed)
-    c, s = cfg.model.in_channels, cfg.model.input_size
+    c, s = cfg.image.model.in_channels, cfg.image.model.input_size
     noise = torch.randn(num, c, s, s, generator=g).to(device)
-    y = (torch.arange(num) % cfg.model.num_classes).to(device)
-    sc = cfg.sample
-    out = run_sampler(lambda x, t, yy: denoiser(x, t, yy)[0], noise, y, sampler=sc.sampler, steps=sc.steps,
-                      null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
-                      guidance=(sc.guidance_low, sc.guidance_high),
-                      process=FlowProcess(cfg.process.path),
-                      generator=torch.Generator(device=device).manual_seed(seed + 1))
-    denoiser.train(was_training)
+    y = (torch.arange(num) % cfg.image.model.num_classes).to(device)
+    sc = cfg.image.sample
+    with eval_mode(denoiser):
+        out = run_sampler(lambda x, t, yy: denoiser(x, t, yy)[0], noise, y, sampler=sc.sampler, steps=sc.steps,
+                          null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
+                          guidance=(sc.guidance_low, sc.guidance_high),
+                          process=FlowProcess(cfg.image.process.path),
+                          generator=torch.Generator(device=device).manual_seed(seed + 1))
     return out.float().clamp(-1, 1)
 
 
 class ImageTask:
-    """Class-conditional image generation (SiT + flow). See :class:`reed.domains.Task` for the interface."""
+    """Class-conditional image generation (SiT + flow). A :class:`reed.domains.Domain`."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
     def setup(self, *, device: torch.device, main_process_first, progress: bool, world: int = 1) -> Config:
         cfg = self.cfg
-        self.ds = load_dataset(cfg.data)
+        self.ds = load_dataset(cfg.image.data)
         cfg = resolve_model_config(cfg, self.ds)
-        active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
-        terms_cfg = [t for t in cfg.targets if t.name in active]  # sit needs no targets, repa only image ones
-        with main_process_first():
-            self.targets = prepare_targets(terms_cfg, self.ds, cfg.train.cache_dir, progress=progress, device=device)
-        cfg = replace(cfg, targets=[replace(t, dim=int(self.targets[t.name].dim)) if t.name in self.targets else t
-                                    for t in cfg.targets])
+
+        def load(terms_cfg):  # sit needs no targets, repa only image ones
+            with main_process_first():
+                targets = prepare_targets(terms_cfg, self.ds, cfg.train.cache_dir, progress=progress, device=device)
+            return targets, {name: int(z.dim) for name, z in targets.items()}
+
+        cfg, self.targets = resolve_targets(cfg, load)
         tc = cfg.train
         if tc.batch_size % (world * tc.grad_accum):
             raise ConfigError(f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
@@ -140,8 +123,8 @@ class ImageTask:
 
     def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):
         x0, y, z = batch
-        null_class = self.cfg.model.num_classes
-        y = drop_labels(y, self.cfg.process.label_dropout, null_class, generator)
+        null_class = self.cfg.image.model.num_classes
+        y = drop_labels(y, self.cfg.image.process.label_dropout, null_class, generator)
         return objective(module, x0, y, z, step, generator=generator)
 
     def eval_due(self, done: int) -> bool:
@@ -152,9 +135,9 @@ class ImageTask:
         """Preview grid of EMA samples at ``step``; returns no metrics."""
         cfg = self.cfg
         x = preview_samples(model, cfg, cfg.train.num_preview, device, cfg.seed)
-        nrow = cfg.model.num_classes if cfg.model.num_classes <= 16 else None
+        nrow = cfg.image.model.num_classes if cfg.image.model.num_classes <= 16 else None
         save_image_grid(to_uint8(x), run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow)
         return {}
 
     def title(self) -> str:
-        return f"{self.cfg.objective.method}: {self.cfg.model.preset}"
+        return f"{self.cfg.objective.method}: {self.cfg.image.model.preset}"

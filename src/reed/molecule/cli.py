@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reed.cli import Commands, print_report
 from reed.errors import ConfigError, DataError
+from reed.io import pick_device
 
 
 def fit_encoders(cfg, force: bool = False) -> int:
     """``reed fit-encoder CONFIG`` for molecules: a denoising-pretrained equivariant encoder per ``fitted`` target,
     fitted on the training split."""
-    import torch
 
     from reed.molecule.targets import MoleculeEncoderConfig, fit_molecule_encoder
     from reed.molecule.task import load_molecule_splits
@@ -21,8 +22,8 @@ def fit_encoders(cfg, force: bool = False) -> int:
         print("no target with source 'molecule_encoder' and encoder 'fitted' in the config; nothing to fit")
         return 0
     train = load_molecule_splits(cfg, progress=cfg.train.progress)["train"]
-    f = cfg.fit
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    f = cfg.molecule.fit
+    device = str(pick_device(None))
     for tg in todo:
         out = Path(tg.path)
         if (out / "encoder.safetensors").is_file() and not force:
@@ -36,13 +37,16 @@ def fit_encoders(cfg, force: bool = False) -> int:
     return 0
 
 
-def sample(args, model, cfg, device: str) -> int:
+def cmd_sample(args) -> int:
     """``reed sample RUN --num N --out mols.sdf``: molecules with atom counts from the training set, as SDF, a PNG
     grid of 2D depictions and a JSON of the settings."""
+    from reed.domains import load_denoiser
     from reed.molecule.data import MoleculeDataset
     from reed.molecule.metrics import depiction_grid, write_sdf
     from reed.molecule.task import generate_molecules, load_molecule_splits
 
+    device = str(pick_device(None))
+    model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
     train = load_molecule_splits(cfg)["train"]
     num = args.num or 100
     mols = generate_molecules(model, cfg, tuple(cfg.molecule.elements), train.atom_count_distribution(), num,
@@ -90,3 +94,22 @@ def evaluate(args) -> dict:
         train_smiles = load_molecule_splits(cfg)["train"].smiles_set(progress=True)
     res = molecule_metrics(mols, train_smiles, energy=args.energy, progress=True)
     return {"samples": source, **res}
+
+
+def owns_samples(path: Path) -> bool:
+    """Molecules written by ``reed sample``: the .sdf, or its .npz arrays next to it."""
+    suffix = path.suffix.lower()
+    return suffix == ".sdf" or (suffix == ".npz" and path.with_suffix(".sdf").is_file())
+
+
+def cmd_evaluate(args) -> int:
+    return print_report(evaluate(args), args.out)
+
+
+def add_commands(commands: Commands) -> None:
+    """The molecule domain's commands and its flags of ``evaluate``."""
+    sp = commands.command("fit-encoder", "fit the self-supervised encoder(s) the config's targets name",
+                          lambda args, cfg: fit_encoders(cfg, force=args.force), config=True)
+    sp.add_argument("--force", action="store_true", help="refit even if the encoder exists")
+    commands.shared("evaluate").add_argument("--energy", action="store_true",
+                                             help="molecules: MMFF energy and strain (slow for many)")

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from reed.errors import DataError
+from reed.io import progress_bar, read_npz
 
 __all__ = [
     "BOND_ORDERS",
@@ -547,14 +548,6 @@ def uncollate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _progress(items, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total)
-
-
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     f = np.asarray(fractions, dtype=np.float64)
     if f.ndim != 1 or f.size == 0 or np.any(~np.isfinite(f)) or np.any(f < 0) or f.sum() <= 0:
@@ -706,7 +699,7 @@ class MoleculeDataset:
     def smiles_set(self, *, progress: bool = False) -> set[str]:
         """Canonical SMILES of the valid molecules (explicit H, rebuilt via :func:`to_rdkit`), for novelty."""
         out = set()
-        for m in _progress(self.molecules, progress, f"{self.name}: SMILES"):
+        for m in progress_bar(self.molecules, progress, f"{self.name}: SMILES"):
             s = canonical_smiles(m)
             if s is not None:
                 out.add(s)
@@ -787,20 +780,9 @@ class MoleculeDataset:
     def load(cls, path) -> MoleculeDataset:
         """Read a cache written by :meth:`save`; a missing file or key raises DataError naming it."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: molecule cache not found")
         keys = ("version", "name", "elements", "atom_offsets", "atoms", "coords", "charges", "bond_offsets",
                 "bond_index", "bond_type", "smiles", "skipped", "fallbacks")  # fmt: skip
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = [k for k in keys if k not in z.files]
-                if missing:
-                    raise DataError(f"{path}: not a molecule cache, missing key(s) {missing}")
-                d = {k: z[k] for k in keys}
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read molecule cache ({exc})") from exc
+        d = read_npz(path, "molecule cache", required=keys, keys=keys)
         if int(d["version"]) != _CACHE_VERSION:
             raise DataError(f"{path}: cache version {int(d['version'])}, expected {_CACHE_VERSION}")
         ao, bo = d["atom_offsets"], d["bond_offsets"]
@@ -894,7 +876,8 @@ class MoleculeDataset:
             results = map(_infer_one, jobs)
         mols, fallbacks = [], []
         try:
-            for (name, z, x), (b, c, info) in _progress(zip(kept, results), progress, f"{path.name}: bonds", len(kept)):
+            bar = progress_bar(zip(kept, results), progress, f"{path.name}: bonds", len(kept))
+            for (name, z, x), (b, c, info) in bar:
                 if bonds == "rdkit" and info.get("method") not in ("xyz2mol", "xyz2mol-hueckel"):
                     fallbacks.append((name, f"{info.get('method')} bonds: {info.get('error', '')}"))
                 mols.append(Molecule(z, x, b, c))
@@ -980,7 +963,7 @@ class MoleculeDataset:
             fh = gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")
             with fh, rdBase.BlockLogs():
                 supplier = Chem.ForwardSDMolSupplier(fh, removeHs=False, sanitize=True)
-                for k, mol in enumerate(_progress(supplier, progress, p.name)):
+                for k, mol in enumerate(progress_bar(supplier, progress, p.name)):
                     name = f"{p.name} record {k}"
                     if mol is None:
                         skips.add(name, "RDKit could not parse or sanitise it")
@@ -1033,7 +1016,7 @@ class MoleculeDataset:
         mols: list[Molecule] = []
         params = AllChem.ETKDGv3()
         params.randomSeed = int(seed)
-        for k, smi in enumerate(_progress(smiles, progress, f"{name}: conformers")):
+        for k, smi in enumerate(progress_bar(smiles, progress, f"{name}: conformers")):
             label = f"SMILES {k} {smi!r}"
             with rdBase.BlockLogs():
                 mol = Chem.MolFromSmiles(smi)

@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from reed import geometry
+
 OT_MODES = ("equivariant", "none")
 COORD_LOSS_NORMS = ("atoms", "padded")
 DEFAULT_LOSS_WEIGHTS = {"coords": 1.0, "types": 0.2, "bonds": 1.0, "charges": 1.0}
@@ -72,13 +74,10 @@ def _upper_mirror(a: torch.Tensor) -> torch.Tensor:
 def center(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Remove the mean over real atoms.
 
-    x (B,N,3), mask (B,N) bool -> (B,N,3) with zero mean over each molecule's real atoms; padding rows are 0.
+    x (B,N,3), mask (B,N) bool -> (B,N,3) with zero mean over each molecule's real atoms; padding rows are 0
+    (:func:`reed.geometry.center`).
     """
-    m = mask.bool()[..., None]
-    x = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    n = m.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # (B,1,1)
-    mean = x.sum(dim=1, keepdim=True) / n
-    return torch.where(m, x - mean, torch.zeros((), dtype=x.dtype, device=x.device))
+    return geometry.center(x, mask)
 
 
 def kabsch_rotation(P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,20 +85,9 @@ def kabsch_rotation(P: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor) -> tor
 
     P, Q (B,N,3) centred coordinates (rows i correspond), mask (B,N) bool -> R (B,3,3) with det R = +1 minimising
     sum_i |R p_i - q_i|^2, i.e. ``P @ R.transpose(-1, -2) ≈ Q``. Computed in float64; returned in P's dtype.
-    Molecules with no real atoms get the identity.
+    Molecules with no real atoms get the identity. (:func:`reed.geometry.kabsch` without re-centring.)
     """
-    m = mask.bool()[..., None]
-    zero = torch.zeros((), dtype=torch.float64, device=P.device)
-    p = torch.where(m, P.double(), zero)
-    q = torch.where(m, Q.double(), zero)
-    H = p.transpose(1, 2) @ q  # (B,3,3) = sum_i p_i q_i^T
-    U, _, Vh = torch.linalg.svd(H)
-    V = Vh.transpose(1, 2)
-    d = torch.sign(torch.linalg.det(V @ U.transpose(1, 2)))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], dim=-1))
-    R = V @ D @ U.transpose(1, 2)
-    return R.to(P.dtype)
+    return geometry.kabsch(P, Q, mask.bool(), center=False)[0]
 
 
 def equivariant_ot(x0_data: torch.Tensor, x1_noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from reed import geometry
 from reed.errors import DataError
+from reed.io import progress_bar
 from reed.molecule.data import (
     BOND_ORDERS,
     CHARGES,
@@ -117,8 +119,10 @@ def _mmff(mol):
     return None if ff is None else (m, ff)
 
 
-def mmff_energy(mol) -> float | None:
-    """MMFF94 energy (kcal/mol) of the first conformer of an RDKit molecule; None if MMFF cannot be set up."""
+def _mmff_run(mol, max_iters: int | None) -> tuple[float, np.ndarray] | None:
+    """``(energy kcal/mol, coords (n, 3))`` of the first conformer of a copy of ``mol`` (MMFF94-optimised when
+    ``max_iters`` is given, and then only if it converged); None if MMFF cannot be set up or the energy is not
+    finite. RDKit's log is silenced."""
     from rdkit import rdBase
 
     with rdBase.BlockLogs():
@@ -126,24 +130,8 @@ def mmff_energy(mol) -> float | None:
             got = _mmff(mol)
             if got is None:
                 return None
-            _m, ff = got
-            e = float(ff.CalcEnergy())
-        except Exception:
-            return None
-    return e if math.isfinite(e) else None
-
-
-def _mmff_optimise(mol, max_iters: int = 1000) -> tuple[float, np.ndarray] | None:
-    """MMFF94-optimise a copy; ``(energy, coords (n, 3))`` if it converged within ``max_iters``, else None."""
-    from rdkit import rdBase
-
-    with rdBase.BlockLogs():
-        try:
-            got = _mmff(mol)
-            if got is None:
-                return None
-            _m, ff = got
-            if ff.Minimize(maxIts=int(max_iters)) != 0:
+            _m, ff = got  # the copy _m must outlive ff
+            if max_iters is not None and ff.Minimize(maxIts=int(max_iters)) != 0:
                 return None
             e = float(ff.CalcEnergy())
             pos = np.asarray(ff.Positions(), dtype=np.float64).reshape(-1, 3)
@@ -152,16 +140,20 @@ def _mmff_optimise(mol, max_iters: int = 1000) -> tuple[float, np.ndarray] | Non
     return (e, pos) if math.isfinite(e) else None
 
 
+def mmff_energy(mol) -> float | None:
+    """MMFF94 energy (kcal/mol) of the first conformer of an RDKit molecule; None if MMFF cannot be set up."""
+    got = _mmff_run(mol, None)
+    return None if got is None else got[0]
+
+
+def _mmff_optimise(mol, max_iters: int = 1000) -> tuple[float, np.ndarray] | None:
+    """MMFF94-optimise a copy; ``(energy, coords (n, 3))`` if it converged within ``max_iters``, else None."""
+    return _mmff_run(mol, max_iters)
+
+
 def kabsch_rmsd(a: np.ndarray, b: np.ndarray) -> float:
     """RMSD between ``(n, 3)`` point sets after removing each centroid and the optimal (proper) rotation of ``b``."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a - a.mean(axis=0)
-    b = b - b.mean(axis=0)
-    u, _, vt = np.linalg.svd(b.T @ a)
-    d = np.sign(np.linalg.det(u @ vt))
-    rot = u @ np.diag([1.0, 1.0, d]) @ vt
-    return float(np.sqrt(((b @ rot - a) ** 2).sum(axis=1).mean()))
+    return float(geometry.rmsd(np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64)))
 
 
 def _mean(values: list[float]) -> float:
@@ -207,12 +199,7 @@ def molecule_metrics(
     smiles: list[str] = []
     energies, energies_pa, strains, strains_pa, rmsds = [], [], [], [], []
     n_energy = n_opt = 0
-    items = mols
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(mols, desc="molecule metrics")
-    for m in items:
+    for m in progress_bar(mols, progress, "molecule metrics"):
         stable = atom_stability(m.atoms, m.bonds, m.charges)
         n_atoms += len(stable)
         n_stable_atoms += int(stable.sum())

@@ -60,6 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reed.errors import CheckpointError, ConfigError, DataError, ReedError
+from reed.geometry import center
+from reed.io import atomic_savez, atomic_write_bytes, atomic_write_text, progress_bar, read_npz
 from reed.molecule.data import Molecule, MoleculeBatch, MoleculeDataset, collate, uniform_rotation
 from reed.molecule.nets import MoleculeDenoiser, masked_mean_pool
 
@@ -124,26 +126,6 @@ def _batches_by_atoms(sizes: np.ndarray, order: Sequence[int], batch_atoms: int)
         n_max = max(n_max, n)
     if chunk:
         yield chunk
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _progress(items, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, total=total)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,7 +368,7 @@ def _embed_fitted(enc: FittedMoleculeEncoder, mols: Sequence[Molecule], batch_at
     pooled = np.zeros((len(mols), enc.dim), dtype=np.float32)
     atoms: list[np.ndarray | None] = [None] * len(mols) if per_atom else []
     chunks = list(_batches_by_atoms(sizes, order, batch_atoms))
-    for chunk in _progress(chunks, progress, "embed molecules"):
+    for chunk in progress_bar(chunks, progress, "embed molecules"):
         p, h, mask = enc.encode([mols[i] for i in chunk], device=device)
         p, h, mask = p.float().cpu().numpy(), h.float().cpu().numpy(), mask.cpu().numpy()
         for k, i in enumerate(chunk):
@@ -453,7 +435,7 @@ def fit_molecule_encoder(
 
     history: list[dict] = []
     acc = {"loss": 0.0, "denoise_mse": 0.0, "identity_mse": 0.0, "type_ce": 0.0, "type_acc": 0.0, "n": 0}
-    steps = _progress(range(cfg.steps), progress, "fit molecule encoder")
+    steps = progress_bar(range(cfg.steps), progress, "fit molecule encoder")
     for step in steps:
         idx = next(batches)
         batch = collate([mols[i] for i in idx], elements, device=device)
@@ -469,9 +451,8 @@ def fit_molecule_encoder(
         target = x / coord_std
         coord_mse = ((pred["coords"] - target) ** 2 * maskf).sum() / (3 * n_real)
         with torch.no_grad():  # MSE of returning the (re-centred) noisy input, for reference
-            xn = x_noisy / coord_std
-            xn = xn - (xn * maskf).sum(1, keepdim=True) / maskf.sum(1, keepdim=True).clamp(min=1.0)
-            ident = ((xn * maskf - target) ** 2 * maskf).sum() / (3 * n_real)
+            xn = center(x_noisy / coord_std, mask)  # padding rows 0
+            ident = ((xn - target) ** 2 * maskf).sum() / (3 * n_real)
         if bool(masked.any()):
             logits = pred["types"][masked][:, :K]
             truth = batch.atom_types[masked]
@@ -555,9 +536,9 @@ def _save_encoder(enc: FittedMoleculeEncoder, out_dir: Path, report: dict) -> No
     state = {k: v.detach().cpu().contiguous() for k, v in enc.net.state_dict().items()}
     blob = save(state)
     report["weights_sha256"] = hashlib.sha256(blob).hexdigest()
-    _atomic_write_bytes(out_dir / WEIGHTS_NAME, lambda f: f.write(blob))
-    text = json.dumps(report, indent=2, allow_nan=True)
-    _atomic_write_bytes(out_dir / CONFIG_NAME, lambda f: f.write(text.encode()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / WEIGHTS_NAME, blob)
+    atomic_write_text(out_dir / CONFIG_NAME, json.dumps(report, indent=2, allow_nan=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -775,7 +756,7 @@ def embed_molecules(
         pooled_rows: list[np.ndarray | None] = [None] * len(mols)
         atom_rows: list[np.ndarray | None] = [None] * len(mols)
         chunks = list(_batches_by_atoms(sizes, order, int(batch_atoms)))
-        for chunk in _progress(chunks, progress, "embed molecules"):
+        for chunk in progress_bar(chunks, progress, "embed molecules"):
             p, a = encoder([mols[i] for i in chunk])
             p = np.asarray(p.detach().cpu() if isinstance(p, Tensor) else p, dtype=np.float32)
             if p.ndim != 2 or p.shape[0] != len(chunk):
@@ -813,7 +794,8 @@ def embed_molecules(
         else:
             arrays["atoms"] = flat.astype(np.float16)
         arrays["offsets"] = np.concatenate([[0], np.cumsum([len(a) for a in atoms])]).astype(np.int64)
-    _atomic_write_bytes(out_path, lambda f: np.savez(f, **arrays))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savez(out_path, arrays)
     return out_path
 
 
@@ -831,19 +813,9 @@ def load_molecule_targets(path, dataset: MoleculeDataset) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: molecule target file not found (compute it with embed_molecules)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            missing = [k for k in ("pooled", "fingerprint") if k not in files]
-            if "atoms" in files and "offsets" not in files:
-                missing.append("offsets")
-            if missing:
-                raise DataError(f"{path}: not a molecule target file, missing key(s) {missing}")
-            d = {k: z[k] for k in files}
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read molecule targets ({exc})") from exc
+    d = read_npz(path, "molecule target file", required=("pooled", "fingerprint"))
+    if "atoms" in d and "offsets" not in d:
+        raise DataError(f"{path}: not a molecule target file, missing key(s) ['offsets']")
     pooled = d["pooled"]
     mols = _molecules(dataset)
     if pooled.ndim != 2:

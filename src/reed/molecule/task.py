@@ -10,20 +10,20 @@ Coordinates are scaled by ``1/coord_std`` for the model and back to Å for metri
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from reed.config import Config
+from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
-from reed.image.task import align_terms, curriculum
+from reed.io import eval_mode, progress_bar
 from reed.molecule.data import MoleculeDataset, uncollate
 from reed.molecule.flow import MoleculeFlow, self_condition_inputs
 from reed.molecule.nets import MoleculeDenoiser, build_molecule_model
-from reed.objective import DenoiserOutput, Objective, ReedModule, active_terms
+from reed.objective import DenoiserOutput, Objective, ReedModule
 
 
 def load_molecules(cfg: Config, progress: bool = False) -> MoleculeDataset:
@@ -56,6 +56,13 @@ def build_molecule_denoiser(cfg: Config, num_atom_types: int) -> MoleculeDenoise
     return build_molecule_model(m.preset, num_atom_types, **over)
 
 
+def build_denoiser_from_config(cfg: Config) -> MoleculeDenoiser:
+    """The denoiser of a resolved config (``molecule.elements`` filled in, e.g. a checkpoint's)."""
+    if not cfg.molecule.elements:
+        raise ConfigError("molecule config has no resolved element vocabulary (molecule.elements)")
+    return build_molecule_denoiser(cfg, len(cfg.molecule.elements))
+
+
 def build_flow(cfg: Config, num_atom_types: int) -> MoleculeFlow:
     p = cfg.molecule.process
     return MoleculeFlow(num_atom_types, coord_noise=p.coord_noise, ot=p.ot, time_alpha=p.time_alpha,
@@ -78,26 +85,22 @@ def generate_molecules(model: MoleculeDenoiser, cfg: Config, elements, count_dis
                        seed: int = 0, device="cpu", steps: int | None = None, progress: bool = False):
     """``num`` molecules (list of :class:`~reed.molecule.data.Molecule`, coordinates in Å) with atom counts drawn
     from ``count_dist`` (entry n = probability of n atoms, e.g. the training set's)."""
-    from tqdm.auto import tqdm
-
     from reed.molecule.sampling import sample_molecules
 
     sc = cfg.molecule.sample
     flow = build_flow(cfg, len(elements))
     rng = np.random.default_rng(seed)
     sizes = rng.choice(len(count_dist), size=num, p=count_dist / count_dist.sum())
-    was_training = model.training
-    model.eval()
     out = []
-    for i in tqdm(range(0, num, sc.batch_size), desc="sample", disable=not progress):
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        res = sample_molecules(model_fn(model), torch.as_tensor(sizes[i : i + sc.batch_size]), len(elements),
-                               flow=flow, steps=steps or sc.steps, grid=sc.grid, eta=sc.eta, generator=g,
-                               self_condition=getattr(model, "self_condition", True), device=device)
-        x = res["coords"] * cfg.molecule.data.coord_std
-        out += uncollate(x.cpu(), res["types"].cpu(), res["bonds"].cpu(), res["charges"].cpu(), res["mask"].cpu(),
-                         elements)
-    model.train(was_training)
+    with eval_mode(model):
+        for i in progress_bar(range(0, num, sc.batch_size), progress, "sample"):
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+            res = sample_molecules(model_fn(model), torch.as_tensor(sizes[i : i + sc.batch_size]), len(elements),
+                                   flow=flow, steps=steps or sc.steps, grid=sc.grid, eta=sc.eta, generator=g,
+                                   self_condition=getattr(model, "self_condition", True), device=device)
+            x = res["coords"] * cfg.molecule.data.coord_std
+            out += uncollate(x.cpu(), res["types"].cpu(), res["bonds"].cpu(), res["charges"].cpu(),
+                             res["mask"].cpu(), elements)
     return out
 
 
@@ -141,7 +144,7 @@ def _weights_stamp(path: str | None) -> str:
 
 
 class MoleculeTask:
-    """3D molecule generation (equivariant flow + REED). See :mod:`reed.domains` for the interface."""
+    """3D molecule generation (equivariant flow + REED). A :class:`reed.domains.Domain`."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -156,13 +159,14 @@ class MoleculeTask:
         if cfg.molecule.elements and tuple(cfg.molecule.elements) != tuple(self.elements):
             raise ConfigError(f"config key 'molecule.elements' is {cfg.molecule.elements} but the data have "
                               f"{list(self.elements)}")
-        cfg = replace(cfg, molecule=replace(cfg.molecule, elements=list(self.elements)))
-        active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
-        terms_cfg = [t for t in cfg.targets if t.name in active]
-        with main_process_first():
-            self.targets = MoleculeTargets(terms_cfg, self.train_set, cfg.train.cache_dir, device, progress)
-        cfg = replace(cfg, targets=[replace(t, dim=int(self.targets.pooled[t.name].shape[1]))
-                                    if t.name in self.targets.pooled else t for t in cfg.targets])
+        cfg = cfg.with_section(elements=list(self.elements))
+
+        def load(terms_cfg):
+            with main_process_first():
+                targets = MoleculeTargets(terms_cfg, self.train_set, cfg.train.cache_dir, device, progress)
+            return targets, {name: int(z.shape[1]) for name, z in targets.pooled.items()}
+
+        cfg, self.targets = resolve_targets(cfg, load)
         self.epochs = EpochBatches(self.train_set.batches(cfg.molecule.data.atom_budget), seed=cfg.seed,
                                    world=world, grad_accum=cfg.train.grad_accum)
         self.steps_per_epoch = self.epochs.steps_per_epoch
@@ -184,9 +188,7 @@ class MoleculeTask:
         return den
 
     def build_objective(self) -> Objective:
-        cfg = self.cfg
-        return Objective(self.flow, align_terms(cfg), method=cfg.objective.method,
-                         proj_coeff=cfg.objective.proj_coeff, curriculum=curriculum(cfg, self.steps_per_epoch))
+        return build_objective(self.cfg, self.flow, self.steps_per_epoch)
 
     def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
         """This process's ``grad_accum`` atom-budget batches of ``step``: (MoleculeBatch, {target: (B,D)})."""

@@ -6,7 +6,9 @@ import csv
 import json
 from pathlib import Path
 
+from reed.cli import Commands, has_cuda, print_report
 from reed.errors import ConfigError, DataError
+from reed.io import pick_device
 
 
 def _structure_files(paths: list[str]) -> list[Path]:
@@ -94,20 +96,19 @@ def evaluate_protein_fasta(args) -> dict:
     if args.refold:
         from reed.protein.metrics import ESMFoldRefolder, refold_metrics
 
-        refolder = ESMFoldRefolder(args.refold, device="cuda" if torch.cuda.is_available() else "cpu")
+        refolder = ESMFoldRefolder(args.refold, device=str(pick_device(None)))
         result["refold"] = refold_metrics(designs, native_ca, masks, refolder)
     return result
 
 
 def evaluate_protein_run(args, run: Path) -> dict:
     """Design and score a split of a protein run's data (``reed evaluate RUN --split test``)."""
-    import torch
 
-    from reed.image.generate import load_denoiser
+    from reed.domains import load_denoiser
     from reed.protein.design import evaluate_split
     from reed.protein.task import load_splits
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(pick_device(None))
     model, cfg, ckpt = load_denoiser(run, use_ema=True, device=device)
     split = args.split or "test"
     examples = load_splits(cfg)[split].examples
@@ -130,14 +131,10 @@ def read_chain_clusters(list_csv: Path) -> dict[str, str]:
     return {r["CHAINID"]: r["CLUSTER"] for r in rows}
 
 
-def embed_protein(args) -> int:
+def embed_protein(args, cfg) -> int:
     """``reed embed-protein CONFIG --source esm2|af3 --out STORE``: targets for every example of the run's data."""
-    from reed.config import load_config
     from reed.protein.task import load_splits
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.domain != "protein":
-        raise ConfigError(f"{args.config} is not a protein config (domain: {cfg.domain})")
     splits = load_splits(cfg, progress=True)
     examples = [e for s in ("train", "valid", "test") for e in splits[s].examples]
     names, seqs = [e.name for e in examples], [e.sequence for e in examples]
@@ -175,3 +172,51 @@ def embed_protein(args) -> int:
         store = import_af3_embeddings(args.af3_dir, args.out, chains=chains, progress=True)
     print(f"protein targets {store.dims} for {len(store)} examples -> {args.out}")
     return 0
+
+
+def cmd_sample(args) -> int:
+    """``reed sample RUN --structures ...`` for a protein run."""
+    from reed.domains import load_denoiser
+
+    device = str(pick_device(None))
+    model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
+    args.num = args.num or 1
+    return sample_protein(args, model, cfg, device)
+
+
+def owns_samples(path: Path) -> bool:
+    """Designs (.fasta) or a protein run directory (designs its --split)."""
+    from reed.domains import run_domain
+
+    return path.suffix.lower() in (".fasta", ".fa") or (path.is_dir() and run_domain(path) == "protein")
+
+
+def cmd_evaluate(args) -> int:
+    samples = Path(args.samples)
+    result = evaluate_protein_run(args, samples) if samples.is_dir() else evaluate_protein_fasta(args)
+    return print_report(result, args.out)
+
+
+def add_commands(commands: Commands) -> None:
+    """The protein domain's commands and its flags of ``sample`` / ``evaluate``."""
+    sp = commands.command("embed-protein", "protein targets for every chain of a protein config's data: ESM-2 or "
+                          "AF3", embed_protein, config=True)
+    sp.add_argument("--source", choices=["esm2", "af3"], default="esm2")
+    sp.add_argument("--out", required=True, help="protein target store directory")
+    sp.add_argument("--model", default="facebook/esm2_t33_650M_UR50D", help="ESM-2 hub id or local dir")
+    sp.add_argument("--layer", type=int, default=-1, help="ESM-2 hidden layer for 'single' (-1 = last)")
+    sp.add_argument("--pair", choices=["attention", "none"], default="attention",
+                    help="ESM-2 pair target: symmetrised attention maps of all layers and heads, or none")
+    sp.add_argument("--af3-dir", default=None, help="AlphaFold3 output dir (cluster_<id>/seed-0_embeddings/...)")
+    sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: from list.csv)")
+    sp.add_argument("--device", default="cuda" if has_cuda() else "cpu")
+    sp = commands.shared("sample")
+    sp.add_argument("--structures", nargs="+", default=None,
+                    help="protein runs: PDB/mmCIF files or directories to design sequences for (--num per chain)")
+    sp.add_argument("--chains", nargs="+", default=None, help="protein runs: only these chain ids")
+    sp.add_argument("--temperature", type=float, default=None, help="protein runs: sampling temperature")
+    sp.add_argument("--order", choices=["random", "confidence"], default=None,
+                    help="protein runs: unmasking order (random = exact reverse process; confidence = purity)")
+    sp = commands.shared("evaluate")
+    sp.add_argument("--split", choices=["train", "valid", "test"], default=None, help="protein run: split to design")
+    sp.add_argument("--refold", default=None, help="protein: ESMFold model dir/hub id to refold designs (RMSD/TM)")

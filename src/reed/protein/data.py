@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from reed.errors import DataError
+from reed.io import progress_bar
 
 __all__ = [
     "ALPHABET",
@@ -444,14 +445,6 @@ def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc)
-
-
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     f = np.asarray(fractions, dtype=np.float64)
     if f.ndim != 1 or f.size == 0 or np.any(~np.isfinite(f)) or np.any(f < 0) or f.sum() <= 0:
@@ -556,7 +549,7 @@ class ProteinDataset:
         )
         examples: list[ProteinExample] = []
         skipped: list[tuple[str, str]] = []
-        for f in _progress(files, progress, f"reading {root.name}"):
+        for f in progress_bar(files, progress, f"reading {root.name}"):
             try:
                 chains = parse_structure(f, min_length=min_length)
             except DataError as exc:
@@ -642,7 +635,7 @@ class ProteinDataset:
 
         examples: list[ProteinExample] = []
         skipped: list[tuple[str, str]] = []
-        for chain_name in _progress(chosen, progress, f"pdb_2021aug02 {split}"):
+        for chain_name in progress_bar(chosen, progress, f"pdb_2021aug02 {split}"):
             pdb_id, _, chain = chain_name.partition("_")
             pt = root / "pdb" / pdb_id[1:3] / f"{chain_name}.pt"
             try:

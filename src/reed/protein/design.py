@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from reed.config import Config
+from reed.io import atomic_write_text, eval_mode, progress_bar
 from reed.protein.data import ProteinExample, collate, decode_sequence, encode_sequence, token_batches
 from reed.protein.metrics import RecoveryAccumulator, perplexity
 from reed.sampling.masked import sample_masked
@@ -44,27 +44,25 @@ def design_sequences(model, cfg: Config, examples: Sequence[ProteinExample], *, 
     temperature = sc.temperature if temperature is None else temperature
     order = order or sc.order
     budget = budget or cfg.protein.data.token_budget
-    was_training = model.training
-    model.eval()
     jobs = [(i, s) for i in range(len(examples)) for s in range(num)]
     batches = token_batches([len(examples[i]) for i, _ in jobs], budget)
     out: list[dict | None] = [None] * len(jobs)
-    for b in tqdm(batches, desc="design", disable=not progress):
-        exs = [examples[jobs[j][0]] for j in b]
-        pb = collate(exs, device=device)
-        valid = pb.residue_mask.bool()
-        # one generator per batch, seeded by its first design: results depend on the seed and the token budget
-        g = torch.Generator(device=pb.S.device).manual_seed(seed * 1_000_003 + b[0])
-        tokens = sample_masked(_denoise_fn(model, pb), valid, steps=steps, temperature=temperature, order=order,
-                               generator=g)
-        for row, j in enumerate(b):
-            i, s = jobs[j]
-            L = len(examples[i])
-            tok, m, nat = tokens[row, :L].cpu(), valid[row, :L].cpu(), pb.S[row, :L].cpu()
-            rec = float(((tok == nat) & m).sum() / m.sum().clamp_min(1))
-            out[j] = {"name": examples[i].name, "sample": s, "sequence": decode_sequence(tok),
-                      "native": examples[i].sequence, "recovery": rec, "tokens": tok, "mask": m}
-    model.train(was_training)
+    with eval_mode(model):
+        for b in progress_bar(batches, progress, "design"):
+            exs = [examples[jobs[j][0]] for j in b]
+            pb = collate(exs, device=device)
+            valid = pb.residue_mask.bool()
+            # one generator per batch, seeded by its first design: results depend on the seed and the token budget
+            g = torch.Generator(device=pb.S.device).manual_seed(seed * 1_000_003 + b[0])
+            tokens = sample_masked(_denoise_fn(model, pb), valid, steps=steps, temperature=temperature, order=order,
+                                   generator=g)
+            for row, j in enumerate(b):
+                i, s = jobs[j]
+                L = len(examples[i])
+                tok, m, nat = tokens[row, :L].cpu(), valid[row, :L].cpu(), pb.S[row, :L].cpu()
+                rec = float(((tok == nat) & m).sum() / m.sum().clamp_min(1))
+                out[j] = {"name": examples[i].name, "sample": s, "sequence": decode_sequence(tok),
+                          "native": examples[i].sequence, "recovery": rec, "tokens": tok, "mask": m}
     return out  # type: ignore[return-value]
 
 
@@ -81,18 +79,16 @@ def evaluate_split(model, cfg: Config, examples: Sequence[ProteinExample], *, de
         acc.update(d["tokens"][None], torch.from_numpy(encode_sequence(d["native"]))[None], d["mask"][None])
     res = dict(acc.compute())
     process = build_process(cfg)
-    was_training = model.training
-    model.eval()
-    g = torch.Generator(device=device).manual_seed(seed + 17)
-    nll_sum, acc_sum, count = 0.0, 0.0, 0.0
-    for b in token_batches([len(e) for e in examples], cfg.protein.data.token_budget):
-        pb = collate([examples[i] for i in b], device=device)
-        c = process.corrupt(pb.S, pb.residue_mask, generator=g)
-        lp = process.log_probs(model(pb.X, c.S_t, pb.mask, pb.residue_idx, pb.chain_encoding)[0], c.S_t)
-        n = float(pb.residue_mask.sum())
-        p = perplexity(lp, pb.S, pb.residue_mask)
-        nll_sum, acc_sum, count = nll_sum + p["nll"] * n, acc_sum + p["accuracy"] * n, count + n
-    model.train(was_training)
+    with eval_mode(model):
+        g = torch.Generator(device=device).manual_seed(seed + 17)
+        nll_sum, acc_sum, count = 0.0, 0.0, 0.0
+        for b in token_batches([len(e) for e in examples], cfg.protein.data.token_budget):
+            pb = collate([examples[i] for i in b], device=device)
+            c = process.corrupt(pb.S, pb.residue_mask, generator=g)
+            lp = process.log_probs(model(pb.X, c.S_t, pb.mask, pb.residue_idx, pb.chain_encoding)[0], c.S_t)
+            n = float(pb.residue_mask.sum())
+            p = perplexity(lp, pb.S, pb.residue_mask)
+            nll_sum, acc_sum, count = nll_sum + p["nll"] * n, acc_sum + p["accuracy"] * n, count + n
     res["nll"] = nll_sum / max(count, 1.0)
     res["perplexity"] = float(torch.tensor(res["nll"]).exp())
     res["accuracy_random_t"] = acc_sum / max(count, 1.0)
@@ -113,9 +109,7 @@ def write_fasta(designs: Sequence[dict], path: str | Path, sources: dict[str, st
         lines.append(head)
         seq = d["sequence"]
         lines.extend(seq[i : i + 80] for i in range(0, len(seq), 80))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reed import geometry
 from reed.errors import DataError, ReedError
 
 __all__ = [
@@ -191,24 +192,6 @@ def _pair(P: Any, Q: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, q
 
 
-def _kabsch_batched(P: np.ndarray, Q: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted Kabsch for S weightings at once. P, Q (N, 3); W (S, N) >= 0 -> R (S, 3, 3), t (S, 3) with
-    ``P @ R[s].T + t[s]`` the best weighted least-squares fit to Q (proper rotations only)."""
-    wsum = W.sum(axis=1, keepdims=True)  # (S,1)
-    pc = (W @ P) / wsum  # (S,3)
-    qc = (W @ Q) / wsum
-    # H = Σ_n w_n (p_n - pc)(q_n - qc)^T = Σ w p q^T - wsum pc qc^T
-    H = np.einsum("sn,ni,nj->sij", W, P, Q) - wsum[:, :, None] * pc[:, :, None] * qc[:, None, :]
-    U, _, Vt = np.linalg.svd(H)
-    d = np.sign(np.linalg.det(np.matmul(U, Vt)))
-    d[d == 0] = 1.0
-    D = np.ones((W.shape[0], 3))
-    D[:, 2] = d
-    R = np.matmul(np.swapaxes(Vt, 1, 2) * D[:, None, :], np.swapaxes(U, 1, 2))  # V diag(1,1,d) U^T
-    t = qc - np.einsum("sij,sj->si", R, pc)
-    return R, t
-
-
 def kabsch(P: Tensor | np.ndarray, Q: Tensor | np.ndarray, weights: Tensor | np.ndarray | None = None):
     """Optimal proper rotation R (3, 3) and translation t (3,) with ``P @ R.T + t`` ≈ Q (weighted least squares).
 
@@ -225,8 +208,7 @@ def kabsch(P: Tensor | np.ndarray, Q: Tensor | np.ndarray, weights: Tensor | np.
             raise DataError(f"kabsch: weights has {w.shape[0]} entries but P has {p.shape[0]} atoms")
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise DataError("kabsch: weights must be finite, non-negative and not all zero")
-    R, t = _kabsch_batched(p, q, w[None])
-    R, t = R[0], t[0]
+    R, t = geometry.kabsch(p, q, w)
     if isinstance(P, Tensor):
         dtype = P.dtype if P.is_floating_point() else torch.float32
         return torch.as_tensor(R, dtype=dtype, device=P.device), torch.as_tensor(t, dtype=dtype, device=P.device)
@@ -237,10 +219,7 @@ def rmsd(P: Tensor | np.ndarray, Q: Tensor | np.ndarray, align: bool = True) -> 
     """Root-mean-square deviation between (N, 3) coordinate sets, after optimal superposition of P on Q if
     ``align``."""
     p, q = _pair(P, Q)
-    if align:
-        R, t = _kabsch_batched(p, q, np.ones((1, p.shape[0])))
-        p = p @ R[0].T + t[0]
-    return float(np.sqrt(((p - q) ** 2).sum(axis=1).mean()))
+    return float(geometry.rmsd(p, q, align=align))
 
 
 def tm_d0(L: int) -> float:
@@ -288,7 +267,7 @@ def _tm_search(p: np.ndarray, q: np.ndarray, L_norm: int, max_seeds_per_length: 
     for cutoff in (d0_search, max(d0_search - 1.0, d0)):
         W = seeds.copy()
         for _ in range(max_iter):
-            R, t = _kabsch_batched(p, q, W)
+            R, t = geometry.kabsch(p, q, W)
             x = np.einsum("ni,sji->snj", p, R) + t[:, None, :]
             d2 = ((x - q[None]) ** 2).sum(-1)  # (S, N)
             scores = (1.0 / (1.0 + d2 * inv_d0_sq)).sum(axis=1) / L_norm

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from reed.errors import DataError, ReedError
+from reed.io import atomic_savez, atomic_write_text, is_temp_name, progress_bar
 
 FORMAT = "reed-protein-targets"
 VERSION = 1
@@ -85,12 +86,6 @@ def _safe_name(name: str) -> str:
     if safe != name or safe.startswith("."):
         safe = f"{safe.lstrip('.')}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
     return safe
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _read_item_meta(path: Path) -> dict[str, Any]:
@@ -133,7 +128,7 @@ class ProteinTargetWriter:
         (self.root / INDEX).unlink(missing_ok=True)
         if self.items_dir.is_dir():
             for p in self.items_dir.iterdir():
-                if p.is_file() and (p.suffix == ".npz" or ".tmp-" in p.name):
+                if p.is_file() and (p.suffix == ".npz" or is_temp_name(p.name)):
                     p.unlink()
 
     def _resume(self) -> None:
@@ -240,16 +235,13 @@ class ProteinTargetWriter:
         record = {"name": name, "sequence": sequence, "shapes": {k: list(s) for k, s in shapes.items()}}
         payload["__meta__"] = np.asarray(json.dumps(record))
         path = self.items_dir / f"{safe}.npz"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **payload)
-        os.replace(tmp, path)
+        atomic_savez(path, payload)
         self._register(name, {"file": f"{ITEMS}/{path.name}", "length": L, "sequence": sequence})
 
     def _write_index(self) -> None:
         index = {"format": FORMAT, "version": VERSION, "targets": dict(self._dims), "ndim": dict(self._ndims),
                  "items": self._items, "meta": self.meta}
-        _atomic_write_text(self.root / INDEX, json.dumps(index, indent=1))
+        atomic_write_text(self.root / INDEX, json.dumps(index, indent=1))
 
     def close(self) -> None:
         """Write ``root/index.json`` listing every item (atomically)."""
@@ -650,8 +642,6 @@ def import_af3_embeddings(af3_dir: str | os.PathLike, out: str | os.PathLike, *,
     Every job is checked first: a missing job folder, embeddings file or key, a bucket shorter than the folded
     sequence, or a folded sequence that differs from the one in the job's ``{job}_data.json`` is collected, and one
     :class:`DataError` lists them (up to 10) before anything is written. Names already in ``out`` are skipped."""
-    from tqdm.auto import tqdm
-
     af3_dir = Path(af3_dir)
     if not af3_dir.is_dir():
         raise DataError(f"AF3 output directory not found: {af3_dir}")
@@ -697,7 +687,7 @@ def import_af3_embeddings(af3_dir: str | os.PathLike, out: str | os.PathLike, *,
         raise DataError(f"{len(problems)} of {len(todo)} AF3 jobs in {af3_dir} are missing or unusable:\n  "
                         + "\n  ".join(problems[:10]) + more)
     try:
-        for name, seq, path in tqdm(plan, desc="AF3 embeddings", disable=not progress):
+        for name, seq, path in progress_bar(plan, progress, "AF3 embeddings"):
             writer.add(name, seq, _read_af3(path, name, len(seq)))
     finally:
         writer.close()

@@ -8,16 +8,15 @@ given in epochs (``objective.curriculum.unit: epoch``), as in the reference (spe
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from reed.config import Config
+from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
-from reed.image.task import align_terms, curriculum
-from reed.objective import DenoiserOutput, Objective, ReedModule, active_terms
+from reed.objective import DenoiserOutput, Objective, ReedModule
 from reed.processes.masked import MaskedDiffusion
 from reed.protein.data import ProteinDataset, ProteinExample, collate
 from reed.protein.mpnn import MPNN_PRESETS, MPNNDenoiser, build_mpnn
@@ -92,7 +91,7 @@ class ProteinTargets:
 
 
 class ProteinTask:
-    """Protein inverse folding (masked diffusion + MPNN). See :mod:`reed.domains` for the interface."""
+    """Protein inverse folding (masked diffusion + MPNN). A :class:`reed.domains.Domain`."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -103,11 +102,12 @@ class ProteinTask:
         self.train_set = self.splits["train"]
         if len(self.train_set) == 0:
             raise DataError(f"no training proteins in {cfg.protein.data.path}")
-        active = {a.name for a in active_terms(align_terms(cfg), cfg.objective.method)}
-        terms_cfg = [t for t in cfg.targets if t.name in active]
-        self.targets = ProteinTargets(terms_cfg, self.train_set.examples)
-        cfg = replace(cfg, targets=[replace(t, dim=self.targets.dim(t.name)) if t.name in self.targets.items else t
-                                    for t in cfg.targets])
+
+        def load(terms_cfg):
+            targets = ProteinTargets(terms_cfg, self.train_set.examples)
+            return targets, {name: targets.dim(name) for name in targets.items}
+
+        cfg, self.targets = resolve_targets(cfg, load)
         self.epochs = EpochBatches(self.train_set.batches(cfg.protein.data.token_budget), seed=cfg.seed,
                                    world=world, grad_accum=cfg.train.grad_accum)
         self.steps_per_epoch = self.epochs.steps_per_epoch
@@ -129,9 +129,7 @@ class ProteinTask:
         return den
 
     def build_objective(self) -> Objective:
-        cfg = self.cfg
-        return Objective(self.process, align_terms(cfg), method=cfg.objective.method,
-                         proj_coeff=cfg.objective.proj_coeff, curriculum=curriculum(cfg, self.steps_per_epoch))
+        return build_objective(self.cfg, self.process, self.steps_per_epoch)
 
     def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
         """This process's ``grad_accum`` token batches of ``step``: (ProteinBatch, {target: tensor})."""

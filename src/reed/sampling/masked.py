@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from reed.io import progress_bar
 from reed.processes.masked import NEG_INF
 
 ORDERS = ("random", "confidence")
@@ -87,12 +88,7 @@ def sample_masked(denoise: Callable[[torch.Tensor], torch.Tensor], valid: torch.
     if init is not None:
         S = torch.where(valid & (init != mask_id), init.long(), S)
     grid = torch.linspace(1.0 - min_t, 0.0, steps).tolist()
-    it = range(steps - 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="design", leave=False)
-    for i in it:
+    for i in progress_bar(range(steps - 1), progress, "design", leave=False):
         if not ((S == mask_id) & valid).any():
             break
         lp = denoise(S)

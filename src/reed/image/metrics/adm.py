@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +45,12 @@ import numpy as np
 import scipy
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from reed import __version__
 from reed.errors import ConfigError, DataError
 from reed.image.metrics.frechet import feature_stats, frechet_distance
 from reed.image.metrics.inception import PREPROCESSING, FIDInceptionV3, full_fp32, load_inception
+from reed.io import atomic_savez, pick_device, progress_bar
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -278,12 +277,6 @@ def _describe(source: Any) -> str:
 # ================================================================================================ features
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _as_inception(inception: FIDInceptionV3 | str | os.PathLike | None, device: torch.device) -> FIDInceptionV3:
     if isinstance(inception, FIDInceptionV3):
         return inception.to(device)
@@ -318,13 +311,13 @@ def compute_features(
     bad = [o for o in outputs if o not in ("pool", "spatial", "logits")]
     if bad:
         raise ConfigError(f"unknown Inception outputs {bad}; choose from pool, spatial, logits")
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     net = _as_inception(inception, dev)
     reader = _ImageReader(images)
     parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
     total = math.ceil(len(reader) / batch_size)
-    for groups in tqdm(reader.batches(batch_size, num_workers), total=total, desc="inception", unit="batch",
-                       disable=not progress):
+    for groups in progress_bar(reader.batches(batch_size, num_workers), progress, "inception", total=total,
+                              unit="batch"):
         for g in groups:
             out = net(torch.from_numpy(g).to(dev).permute(0, 3, 1, 2))
             for o in outputs:
@@ -378,15 +371,15 @@ def dinov2_features(
     (timm's antialiased bicubic); torch-hub DINOv2 (EDM2) uses non-antialiased bicubic with a 0.1 offset, so values
     are close to but not bit-identical with EDM2's.
     """
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     encoder = encoder.to(dev)
     pooling = _dinov2_pooling(encoder)
     reader = _ImageReader(images)
     feats: list[np.ndarray] = []
     total = math.ceil(len(reader) / batch_size)
     with full_fp32():
-        for groups in tqdm(reader.batches(batch_size, num_workers), total=total, desc="dinov2", unit="batch",
-                           disable=not progress):
+        for groups in progress_bar(reader.batches(batch_size, num_workers), progress, "dinov2", total=total,
+                                  unit="batch"):
             for g in groups:
                 x = torch.from_numpy(g).to(dev).permute(0, 3, 1, 2)
                 feats.append(_dinov2_batch(encoder, x, pooling).cpu().numpy())
@@ -517,7 +510,7 @@ def precision_recall(
     if min(len(real), len(fake)) <= k:
         raise DataError(f"precision_recall with k={k} needs more than {k} points per set, got {len(real)} real and "
                         f"{len(fake)} fake")
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     with full_fp32():
         r = torch.tensor(real, device=dev)
         f = torch.tensor(fake, device=dev)
@@ -542,14 +535,7 @@ def _save_cache(path: Path, arrays: dict[str, np.ndarray | None], meta: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v for k, v in arrays.items() if v is not None}
     data["meta"] = np.array(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_savez(path, data)
 
 
 def _load_cache(path: Path | None, expect: dict[str, Any]) -> dict[str, Any] | None:
@@ -705,7 +691,7 @@ def reference_statistics(
     """
     if isinstance(source, Mapping):
         return dict(source)
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     src_fp = source_fingerprint(source)
     net = _as_inception(inception, dev)
     out = _inception_reference(source, net, cache_dir=cache_dir, batch_size=batch_size, device=dev,
@@ -739,7 +725,7 @@ def fd_dinov2(
             of the patch tokens for any other encoder.
         cache_dir: cache the reference statistics there (``None``: no caching).
     """
-    dev = _resolve_device(device)
+    dev = pick_device(device)
 
     def stats(x: Any, is_reference: bool) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(x, Mapping):
@@ -839,7 +825,7 @@ def evaluate(
     names = _normalise_metrics(metrics)
     if dinov2 is not None and "fd_dinov2" not in names:
         names.append("fd_dinov2")
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     warnings: list[str] = []
     result_metrics: dict[str, float] = {}
     settings: dict[str, Any] = {"metrics": names, "batch_size": batch_size, "device": str(dev),

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from reed.image.metrics.frechet import feature_stats, frechet_distance
+from reed.io import atomic_save_safetensors, atomic_write_text
 
 EVALUATOR_SEED = 12345  # fixed and distinct from training seeds
 
@@ -121,8 +121,6 @@ def evaluator_for(ds, cache_dir: str | Path = ".cache/reed") -> InDomainEvaluato
         return InDomainEvaluator(clf, images, meta["held_out_accuracy"])
     clf, acc = fit_classifier(images, labels, ds.num_classes)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    meta_path.write_text(json.dumps({"config": clf.config, "held_out_accuracy": acc, "data": ds.fingerprint}))
+    atomic_save_safetensors(weights, {k: v.contiguous() for k, v in clf.state_dict().items()})
+    atomic_write_text(meta_path, json.dumps({"config": clf.config, "held_out_accuracy": acc, "data": ds.fingerprint}))
     return InDomainEvaluator(clf, images, acc)

@@ -15,6 +15,7 @@ import torch
 
 from reed.config import Config, TargetConfig
 from reed.errors import ConfigError, DataError
+from reed.io import pick_device
 
 
 def _as_tensor_idx(indices) -> torch.Tensor:
@@ -101,8 +102,8 @@ def embed_target(cfg: Config, name: str, out: str | Path, *, dtype: str = "float
     if not tgs:
         raise ConfigError(f"no target named '{name}' in the config (have: {[t.name for t in cfg.targets]})")
     tg = tgs[0]
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ds = load_dataset(cfg.data)
+    dev = pick_device(device)
+    ds = load_dataset(cfg.image.data)
     rows, fp, pre = row_function(tg, ds, dev, batch_size)
     first = rows(np.array([0]))
     shape = tuple(first.shape[1:])

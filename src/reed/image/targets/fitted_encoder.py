@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reed.io import atomic_save_safetensors, atomic_write_json
+
 __all__ = [
     "ConvEncoder",
     "augment",
@@ -375,18 +377,12 @@ def encoder_fingerprint(encoder: nn.Module) -> str:
     return _fingerprint_state(_state_for_disk(encoder))
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_encoder(encoder: ConvEncoder, directory: str | os.PathLike) -> Path:
     """Write ``encoder.safetensors`` and ``encoder.json`` (kind, config, fingerprint) into ``directory``.
 
     Both files are written to a temporary name and renamed (``os.replace``), the json last, so an interrupted
     save never leaves a half-written file under either name. Returns the directory.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = _state_for_disk(encoder)
@@ -396,17 +392,8 @@ def save_encoder(encoder: ConvEncoder, directory: str | os.PathLike) -> Path:
         "config": dict(encoder.config),
         "fingerprint": _fingerprint_state(state),
     }
-    w_path, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-    w_tmp, cfg_tmp = _tmp_name(w_path), _tmp_name(cfg_path)
-    try:
-        save_file(state, str(w_tmp), metadata={"kind": ENCODER_KIND})
-        os.replace(w_tmp, w_path)
-        cfg_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(cfg_tmp, cfg_path)
-    finally:
-        for tmp in (w_tmp, cfg_tmp):
-            if tmp.exists():
-                tmp.unlink()
+    atomic_save_safetensors(directory / WEIGHTS_NAME, state, metadata={"kind": ENCODER_KIND})
+    atomic_write_json(directory / CONFIG_NAME, meta, indent=2, sort_keys=True)
     return directory
 
 

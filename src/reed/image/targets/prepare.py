@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from reed.config import TargetConfig
 from reed.errors import DataError
 from reed.image.data import ImageDataset
+from reed.io import atomic_save_safetensors
 
 
 def _cache_path(cache_dir: Path, tg: TargetConfig, key: str, data_fp: str) -> Path:
@@ -32,9 +33,7 @@ def _cache_path(cache_dir: Path, tg: TargetConfig, key: str, data_fp: str) -> Pa
 
 def _atomic_save(tensor: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"z": tensor.contiguous()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_save_safetensors(path, {"z": tensor.contiguous()}, metadata=meta)
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reed.io import progress_bar
+
 __all__ = ["SentenceEncoder", "minilm_path", "resolve_text_encoder"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -126,11 +128,9 @@ class SentenceEncoder:
         texts = list(texts)
         if not texts:
             return torch.zeros(0, self.dim)
-        from tqdm.auto import tqdm
-
         outs = []
         starts = range(0, len(texts), batch_size)
-        for i in tqdm(starts, desc="encode texts", disable=not progress, leave=False):
+        for i in progress_bar(starts, progress, "encode texts", leave=False):
             batch = self.tokenizer(
                 texts[i : i + batch_size],
                 padding=True,

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from reed.errors import DataError
+from reed.io import atomic_write_text, progress_bar
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -216,20 +217,6 @@ def _ranges(indices: list[int], limit: int = 8) -> str:
     return text + (", ..." if len(runs) > limit else "")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace`` (never a partial file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _check_meta(out_dir: Path, meta: dict) -> None:
     """Write ``out_dir/captions_meta.json``, or check that an existing one agrees with this run's settings."""
     path = out_dir / META_NAME
@@ -248,7 +235,7 @@ def _check_meta(out_dir: Path, meta: dict) -> None:
                 stacklevel=3,
             )
         return
-    _write_atomic(path, json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(meta, indent=1) + "\n")
 
 
 def caption_images(
@@ -354,7 +341,7 @@ def caption_images(
                     for i, c in zip(indices, captions)
                 ]
                 bar.update(len(indices))
-            _write_atomic(shard_path(out_dir, k), "\n".join(lines) + "\n")
+            atomic_write_text(shard_path(out_dir, k), "\n".join(lines) + "\n")
             written.append(k)
             captioned += hi - lo
         bar.close()
@@ -457,8 +444,6 @@ def embed_captions_vlm(
         raise TypeError("embed_captions_vlm expects captions as a list of strings")
     captions = list(captions)
     source = _Images(images, len(captions))
-    from tqdm.auto import tqdm
-
     processor, vlm = _load_vlm(model, device, dtype)
     processor.tokenizer.padding_side = "right"
     text_config = vlm.config.get_text_config()
@@ -469,7 +454,7 @@ def embed_captions_vlm(
         return torch.zeros(0, int(text_config.hidden_size))
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(vlm.forward).parameters else {}
     outs = []
-    for b in tqdm(range(0, len(captions), batch_size), desc="embed captions", disable=not progress, leave=False):
+    for b in progress_bar(range(0, len(captions), batch_size), progress, "embed captions", leave=False):
         indices = np.arange(b, min(b + batch_size, len(captions)), dtype=np.int64)
         texts = [
             processor.apply_chat_template(
