@@ -10,19 +10,9 @@ import pytest
 import torch
 
 from reed.errors import DataError
-from reed.molecule.data import (
-    BOND_TYPES,
-    CHARGES,
-    ELEMENTS,
-    Molecule,
-    MoleculeDataset,
-    bonds_from_rdkit,
-    collate,
-    molecule_from_rdkit,
-    to_rdkit,
-    uncollate,
-    uniform_rotation,
-)
+from reed.molecule.batch import collate, uncollate, uniform_rotation
+from reed.molecule.chem import BOND_TYPES, CHARGES, ELEMENTS, Molecule, bonds_from_rdkit, molecule_from_rdkit, to_rdkit
+from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.metrics import write_sdf
 
 N_QM9 = 300

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reed.molecule.data import CHARGES, ELEMENTS, Molecule, MoleculeDataset
+from reed.molecule.chem import CHARGES, ELEMENTS, Molecule
+from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.metrics import (
     ALLOWED_VALENCES,
     atom_stability,
@@ -127,7 +128,7 @@ def test_mmff_energy_and_strain_ethanol():
 def test_kabsch_rmsd():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(10, 3))
-    from reed.molecule.data import uniform_rotation
+    from reed.molecule.batch import uniform_rotation
 
     rot = uniform_rotation(1)[0].double().numpy()
     assert kabsch_rmsd(a, a @ rot.T + 3.0) < 1e-6

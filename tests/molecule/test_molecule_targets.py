@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from reed.errors import CheckpointError, ConfigError, DataError, ReedError
-from reed.molecule.data import Molecule, MoleculeDataset, collate, uniform_rotation
+from reed.molecule.batch import collate, uniform_rotation
+from reed.molecule.chem import Molecule
+from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.targets import (
     FittedMoleculeEncoder,
     MoleculeEncoderConfig,

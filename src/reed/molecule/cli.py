@@ -41,7 +41,7 @@ def cmd_sample(args) -> int:
     """``reed sample RUN --num N --out mols.sdf``: molecules with atom counts from the training set, as SDF, a PNG
     grid of 2D depictions and a JSON of the settings."""
     from reed.domains import load_denoiser
-    from reed.molecule.data import MoleculeDataset
+    from reed.molecule.dataset import MoleculeDataset
     from reed.molecule.metrics import depiction_grid, write_sdf
     from reed.molecule.task import generate_molecules, load_molecule_splits
 
@@ -70,7 +70,7 @@ def cmd_sample(args) -> int:
 def evaluate(args) -> dict:
     """``reed evaluate mols.sdf|mols.npz [--run RUN] [--energy]``: stability, validity, uniqueness, novelty
     (against the run's training set) and optionally MMFF energy / strain."""
-    from reed.molecule.data import MoleculeDataset
+    from reed.molecule.dataset import MoleculeDataset
     from reed.molecule.metrics import molecule_metrics
 
     path = Path(args.samples)

@@ -1,9 +1,9 @@
 """Metrics for generated 3D molecules (SemlaFlow/REED, spec §5): stability, validity, uniqueness, novelty, energies.
 
-Molecules are :class:`reed.molecule.data.Molecule` objects or tuples ``(atoms, coords, bonds, charges)`` with atomic
+Molecules are :class:`reed.molecule.chem.Molecule` objects or tuples ``(atoms, coords, bonds, charges)`` with atomic
 numbers ``(n,)``, coordinates ``(n, 3)`` in Å, bond classes ``(n, n)`` (0 none, 1 single, 2 double, 3 triple,
 4 aromatic) and formal charges ``(n,)``. Generated class indices are turned into this form by
-:func:`reed.molecule.data.uncollate`.
+:func:`reed.molecule.batch.uncollate`.
 
 All molecules count in every denominator unless noted: uniqueness and novelty count over valid molecules; energy
 and strain averages over the molecules where they could be computed (their fractions are the ``*_validity`` keys).
@@ -20,14 +20,7 @@ import numpy as np
 from reed import geometry
 from reed.errors import DataError
 from reed.io import progress_bar
-from reed.molecule.data import (
-    BOND_ORDERS,
-    CHARGES,
-    Molecule,
-    _as_molecule,
-    element_symbol,
-    to_rdkit,
-)
+from reed.molecule.chem import BOND_ORDERS, CHARGES, Molecule, as_molecule, element_symbol, to_rdkit
 
 __all__ = [
     "ALLOWED_VALENCES",
@@ -177,11 +170,11 @@ def molecule_metrics(
 
     Returns a dict with
         - ``atom_stability`` (stable atoms / all atoms), ``molecule_stability`` (all atoms stable / molecules);
-        - ``validity`` (RDKit sanitises the molecule built by :func:`~reed.molecule.data.to_rdkit`),
+        - ``validity`` (RDKit sanitises the molecule built by :func:`~reed.molecule.chem.to_rdkit`),
           ``connected_validity`` (valid and a single fragment);
         - ``uniqueness`` (distinct canonical SMILES / valid), ``novelty`` (valid whose SMILES is not in
           ``train_smiles`` / valid; only when ``train_smiles`` is given). SMILES keep hydrogens as graph atoms, the
-          same form as :meth:`~reed.molecule.data.MoleculeDataset.smiles_set`;
+          same form as :meth:`~reed.molecule.chem.MoleculeDataset.smiles_set`;
         - with ``energy=True``: ``energy``/``energy_per_atom`` (MMFF94 of the pose, mean over molecules where MMFF sets
           up), ``energy_validity``; ``strain``/``strain_per_atom`` (E - E_opt after at most ``max_iters`` MMFF steps,
           converged optimisations only), ``opt_energy_validity`` (converged / molecules), ``opt_rmsd`` (Kabsch RMSD
@@ -194,7 +187,7 @@ def molecule_metrics(
     """
     from rdkit import Chem
 
-    mols = [_as_molecule(m) for m in molecules]
+    mols = [as_molecule(m) for m in molecules]
     n_atoms = n_stable_atoms = n_stable_mols = n_valid = n_connected = 0
     smiles: list[str] = []
     energies, energies_pa, strains, strains_pa, rmsds = [], [], [], [], []
@@ -280,7 +273,7 @@ def depiction_grid(
     from rdkit import Chem, rdBase
     from rdkit.Chem import AllChem, Draw
 
-    mols = [_as_molecule(m) for m in molecules]
+    mols = [as_molecule(m) for m in molecules]
     if not mols:
         raise DataError("depiction_grid: no molecules to draw")
     if legends is not None and len(legends) != len(mols):
@@ -328,7 +321,7 @@ def write_sdf(molecules: Sequence[Molecule | tuple], path) -> int:
     writer = Chem.SDWriter(str(path))
     try:
         for i, m in enumerate(molecules):
-            m = _as_molecule(m)
+            m = as_molecule(m)
             mol = to_rdkit(m.atoms, m.coords, m.bonds, m.charges)
             if mol is None:
                 continue

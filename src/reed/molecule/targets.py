@@ -62,7 +62,9 @@ from torch import Tensor, nn
 from reed.errors import CheckpointError, ConfigError, DataError, ReedError
 from reed.geometry import center
 from reed.io import atomic_savez, atomic_write_bytes, atomic_write_text, progress_bar, read_npz
-from reed.molecule.data import Molecule, MoleculeBatch, MoleculeDataset, collate, uniform_rotation
+from reed.molecule.batch import MoleculeBatch, collate, uniform_rotation
+from reed.molecule.chem import Molecule
+from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.nets import MoleculeDenoiser, masked_mean_pool
 
 __all__ = [

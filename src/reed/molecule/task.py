@@ -20,9 +20,10 @@ from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
 from reed.io import eval_mode, progress_bar
-from reed.molecule.data import MoleculeDataset, uncollate
+from reed.molecule.batch import uncollate
+from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.flow import MoleculeFlow, self_condition_inputs
-from reed.molecule.nets import MoleculeDenoiser, build_molecule_model
+from reed.molecule.nets.denoiser import MoleculeDenoiser, build_molecule_model
 from reed.objective import DenoiserOutput, Objective, ReedModule
 
 
@@ -83,7 +84,7 @@ def model_fn(model):
 @torch.no_grad()
 def generate_molecules(model: MoleculeDenoiser, cfg: Config, elements, count_dist: np.ndarray, num: int, *,
                        seed: int = 0, device="cpu", steps: int | None = None, progress: bool = False):
-    """``num`` molecules (list of :class:`~reed.molecule.data.Molecule`, coordinates in Å) with atom counts drawn
+    """``num`` molecules (list of :class:`~reed.molecule.chem.Molecule`, coordinates in Å) with atom counts drawn
     from ``count_dist`` (entry n = probability of n atoms, e.g. the training set's)."""
     from reed.molecule.sampling import sample_molecules
 

@@ -139,13 +139,13 @@ def embed_protein(args, cfg) -> int:
     examples = [e for s in ("train", "valid", "test") for e in splits[s].examples]
     names, seqs = [e.name for e in examples], [e.sequence for e in examples]
     if args.source == "esm2":
-        from reed.protein.targets import embed_proteins_esm2
+        from reed.protein.targets.esm2 import embed_proteins_esm2
 
         store = embed_proteins_esm2(names, seqs, args.out, model=args.model, layer=args.layer,
                                     pair=None if args.pair == "none" else args.pair,
                                     device=args.device, progress=True)
     else:
-        from reed.protein.targets import import_af3_embeddings, read_af3_job_sequence
+        from reed.protein.targets.af3 import import_af3_embeddings, read_af3_job_sequence
 
         if not args.af3_dir:
             raise ConfigError("--source af3 needs --af3-dir (AlphaFold3 output directory)")

@@ -20,7 +20,7 @@ from reed.objective import DenoiserOutput, Objective, ReedModule
 from reed.processes.masked import MaskedDiffusion
 from reed.protein.data import ProteinDataset, ProteinExample, collate
 from reed.protein.mpnn import MPNN_PRESETS, MPNNDenoiser, build_mpnn
-from reed.protein.targets import ProteinTargetStore
+from reed.protein.targets.store import ProteinTargetStore
 
 
 def build_mpnn_denoiser(cfg: Config) -> MPNNDenoiser:

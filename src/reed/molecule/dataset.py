@@ -1,551 +1,32 @@
-"""3D molecules with explicit hydrogens for SemlaFlow/REED: parsing, bond inference, caching and batching.
-
-Conventions (spec §1.1-1.2, §4):
-
-- :data:`ELEMENTS` are the reference's 16 elements. A data set has its own vocabulary ``elements`` (a subset of
-  :data:`ELEMENTS` in that order); atom type index ``i`` means ``elements[i]``.
-- Bond classes index :data:`BOND_TYPES` (``0`` none, ``1`` single, ``2`` double, ``3`` triple, ``4`` aromatic) with the
-  bond orders :data:`BOND_ORDERS` (aromatic = 1.5).
-- Charge class index ``k`` means the formal charge ``CHARGES[k]``.
-
-A :class:`Molecule` holds atomic numbers, coordinates (Å), a dense symmetric bond-class matrix and formal charges.
-Bond form: molecules read through RDKit (:func:`molecule_from_rdkit`, SDF, SMILES) keep the bond types RDKit gives
-after sanitisation, i.e. aromatic bonds as class 4 (as the reference's ``GeometricMol.from_rdkit``), unless
-``kekulize=True``. Bonds inferred from coordinates (:func:`bonds_from_rdkit`, EDM ``.npz``) are kekulé by default.
-
-:func:`collate` centres each molecule (uniform weights over real atoms) and optionally applies a Haar-uniform random
-rotation (:func:`uniform_rotation`). The reference instead draws three Euler angles ``U(0, 2π)`` (extrinsic ``xyz``),
-which is not uniform on SO(3); we deliberately do not reproduce that.
-"""
+"""Molecule data sets: EDM ``.npz`` (QM9, GEOM), SDF and SMILES (+ ETKDG conformer), bonds inferred with RDKit
+once, splits, atom-budget batches and an ``.npz`` cache."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from reed.errors import DataError
 from reed.io import progress_bar, read_npz
+from reed.molecule.batch import MoleculeBatch, collate
+from reed.molecule.chem import (
+    ATOMIC_NUMBERS,
+    ELEMENTS,
+    SYMBOLS,
+    Molecule,
+    bare_mol,
+    bonds_from_rdkit,
+    canonical_smiles,
+    charge_index,
+    element_symbol,
+    molecule_from_rdkit,
+)
 
-__all__ = [
-    "BOND_ORDERS",
-    "BOND_TYPES",
-    "CHARGES",
-    "ELEMENTS",
-    "Molecule",
-    "MoleculeBatch",
-    "MoleculeDataset",
-    "bonds_from_rdkit",
-    "canonical_smiles",
-    "charge_index",
-    "collate",
-    "element_symbol",
-    "molecule_from_rdkit",
-    "to_rdkit",
-    "uncollate",
-    "uniform_rotation",
-]
-
-ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F", "P", "S", "Cl", "Br", "B", "Al", "Si", "As", "I", "Hg", "Bi")
-BOND_TYPES: tuple[str, ...] = ("none", "single", "double", "triple", "aromatic")
-BOND_ORDERS: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 1.5)
-CHARGES: tuple[int, ...] = (0, 1, 2, 3, -1, -2, -3)
-
-_ATOMIC_NUMBERS = {
-    "H": 1, "B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Al": 13, "Si": 14, "P": 15, "S": 16, "Cl": 17,
-    "As": 33, "Br": 35, "I": 53, "Hg": 80, "Bi": 83,
-}  # fmt: skip
-_SYMBOLS = {z: s for s, z in _ATOMIC_NUMBERS.items()}
-_CHARGE_TO_INDEX = {c: i for i, c in enumerate(CHARGES)}
 _CACHE_VERSION = 1
-
-
-def element_symbol(z: int) -> str:
-    """Element symbol of atomic number ``z`` (any element RDKit knows, not only :data:`ELEMENTS`)."""
-    z = int(z)
-    if z in _SYMBOLS:
-        return _SYMBOLS[z]
-    from rdkit import Chem
-
-    try:
-        return Chem.GetPeriodicTable().GetElementSymbol(z)
-    except Exception:  # RDKit raises RuntimeError for out-of-range numbers
-        return f"Z={z}"
-
-
-def charge_index(charges: np.ndarray, name: str = "molecule") -> np.ndarray:
-    """Formal charges ``(n,)`` -> charge class indices ``(n,)`` into :data:`CHARGES`; unknown charge -> DataError."""
-    charges = np.asarray(charges, dtype=np.int64)
-    out = np.zeros(charges.shape, dtype=np.int64)
-    for c in np.unique(charges):
-        if int(c) not in _CHARGE_TO_INDEX:
-            raise DataError(f"{name}: formal charge {int(c)} is not one of the supported charges {CHARGES}")
-        out[charges == c] = _CHARGE_TO_INDEX[int(c)]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Molecule
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Molecule:
-    """One molecule with all hydrogens explicit.
-
-    Attributes:
-        atoms: ``(n,)`` int64 atomic numbers.
-        coords: ``(n, 3)`` float32 coordinates in Å.
-        bonds: ``(n, n)`` int64 bond classes (:data:`BOND_TYPES`), symmetric with a zero diagonal.
-        charges: ``(n,)`` int64 formal charges.
-        smiles: optional SMILES (for loaders that know it); not used by the metrics.
-    """
-
-    atoms: np.ndarray
-    coords: np.ndarray
-    bonds: np.ndarray
-    charges: np.ndarray
-    smiles: str | None = None
-
-    def __post_init__(self) -> None:
-        self.atoms = np.asarray(self.atoms, dtype=np.int64).reshape(-1)
-        n = self.atoms.shape[0]
-        self.coords = np.asarray(self.coords, dtype=np.float32)
-        self.bonds = np.asarray(self.bonds, dtype=np.int64)
-        self.charges = np.asarray(self.charges, dtype=np.int64).reshape(-1)
-        if self.coords.shape != (n, 3):
-            raise DataError(f"Molecule: coords must have shape ({n}, 3) for {n} atoms, got {self.coords.shape}")
-        if self.bonds.shape != (n, n):
-            raise DataError(f"Molecule: bonds must have shape ({n}, {n}) for {n} atoms, got {self.bonds.shape}")
-        if self.charges.shape != (n,):
-            raise DataError(f"Molecule: charges must have shape ({n},) for {n} atoms, got {self.charges.shape}")
-
-    @property
-    def num_atoms(self) -> int:
-        return int(self.atoms.shape[0])
-
-    def __len__(self) -> int:
-        return self.num_atoms
-
-    @property
-    def symbols(self) -> list[str]:
-        return [element_symbol(z) for z in self.atoms]
-
-
-def _as_molecule(m) -> Molecule:
-    """A :class:`Molecule`, or a tuple ``(atoms, coords, bonds, charges)`` in the same units."""
-    if isinstance(m, Molecule):
-        return m
-    if isinstance(m, (tuple, list)) and len(m) == 4:
-        return Molecule(*m)
-    raise DataError(f"expected a Molecule or a tuple (atoms, coords, bonds, charges), got {type(m).__name__}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RDKit conversion
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _silence_c_output() -> Iterator[None]:
-    """Silence C-level stdout/stderr (YAeHMOP's Hückel code prints distance warnings there)."""
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
-
-
-def _bare_mol(atoms: np.ndarray, coords: np.ndarray):
-    from rdkit import Chem
-
-    rw = Chem.RWMol()
-    for z in atoms:
-        rw.AddAtom(Chem.Atom(int(z)))
-    conf = Chem.Conformer(len(atoms))
-    for i, p in enumerate(np.asarray(coords, dtype=np.float64)):
-        conf.SetAtomPosition(i, p.tolist())
-    rw.AddConformer(conf, assignId=True)
-    return rw
-
-
-def _bond_class(bond) -> int:
-    from rdkit import Chem
-
-    bt = bond.GetBondType()
-    if bt == Chem.BondType.SINGLE:
-        return 1
-    if bt == Chem.BondType.DOUBLE:
-        return 2
-    if bt == Chem.BondType.TRIPLE:
-        return 3
-    if bt == Chem.BondType.AROMATIC:
-        return 4
-    raise DataError(f"unsupported RDKit bond type {bt} between atoms {bond.GetBeginAtomIdx()}-{bond.GetEndAtomIdx()}")
-
-
-def _matrices(mol) -> tuple[np.ndarray, np.ndarray]:
-    n = mol.GetNumAtoms()
-    bonds = np.zeros((n, n), dtype=np.int64)
-    for b in mol.GetBonds():
-        i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
-        if i != j:
-            bonds[i, j] = bonds[j, i] = _bond_class(b)
-    charges = np.array([a.GetFormalCharge() for a in mol.GetAtoms()], dtype=np.int64)
-    return bonds, charges
-
-
-def bonds_from_rdkit(
-    atoms: np.ndarray,
-    coords: np.ndarray,
-    charge: int = 0,
-    *,
-    kekulize: bool = True,
-    info: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Infer bonds and formal charges from atomic numbers and coordinates with RDKit's xyz2mol.
-
-    Tries ``rdDetermineBonds.DetermineBonds`` with van der Waals connectivity first, then with Hückel connectivity
-    (fixes strained small rings such as bicyclobutanes, where the distance rule over-connects). If both fail, falls back
-    to ``DetermineConnectivity`` (single bonds only, zero charges), and if that fails too, to no bonds. Never raises
-    for a chemically bad molecule.
-
-    Args:
-        atoms: ``(n,)`` atomic numbers.
-        coords: ``(n, 3)`` coordinates in Å.
-        charge: total molecular charge.
-        kekulize: return the kekulé form (no class 4); with False, bonds RDKit perceives as aromatic are class 4.
-        info: optional dict that receives ``method`` (``"xyz2mol"``, ``"xyz2mol-hueckel"``, ``"connectivity"``
-            or ``"none"``) and, on a fallback, ``error`` (the last RDKit message).
-
-    Returns:
-        ``bonds`` ``(n, n)`` int64 bond classes and ``charges`` ``(n,)`` int64 formal charges.
-    """
-    from rdkit import Chem, rdBase
-    from rdkit.Chem import rdDetermineBonds
-
-    atoms = np.asarray(atoms, dtype=np.int64).reshape(-1)
-    n = atoms.shape[0]
-    info = {} if info is None else info
-    error = ""
-    attempts = (("xyz2mol", False), ("xyz2mol-hueckel", True))
-    with rdBase.BlockLogs():
-        for method, hueckel in attempts:
-            mol = _bare_mol(atoms, coords)
-            try:
-                if hueckel:
-                    with _silence_c_output():
-                        rdDetermineBonds.DetermineBonds(mol, charge=int(charge), useHueckel=True)
-                else:
-                    rdDetermineBonds.DetermineBonds(mol, charge=int(charge))
-                if kekulize:
-                    Chem.Kekulize(mol, clearAromaticFlags=True)
-                bonds, charges = _matrices(mol)
-                info["method"] = method
-                return bonds, charges
-            except Exception as exc:  # RDKit raises ValueError/RuntimeError subclasses here
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        mol = _bare_mol(atoms, coords)
-        try:
-            rdDetermineBonds.DetermineConnectivity(mol)
-            bonds = np.zeros((n, n), dtype=np.int64)
-            for b in mol.GetBonds():
-                i, j = b.GetBeginAtomIdx(), b.GetEndAtomIdx()
-                if i != j:
-                    bonds[i, j] = bonds[j, i] = 1
-            info.update(method="connectivity", error=error)
-        except Exception as exc:
-            bonds = np.zeros((n, n), dtype=np.int64)
-            info.update(method="none", error=f"{error}; connectivity: {exc}")
-    return bonds, np.zeros(n, dtype=np.int64)
-
-
-def molecule_from_rdkit(mol, *, kekulize: bool = False, smiles: str | None = None) -> Molecule:
-    """RDKit molecule -> :class:`Molecule` (first conformer, all hydrogens explicit, formal charges).
-
-    Bond types are taken as RDKit holds them: for a sanitised molecule aromatic bonds are class 4 (the reference's
-    behaviour). With ``kekulize=True`` the molecule is kekulised first (aromatic flags cleared, so no class 4).
-    Implicit hydrogens, if any, are added with coordinates. Raises DataError without a conformer or for
-    unsupported bond types (dative, etc.).
-    """
-    from rdkit import Chem
-
-    if mol is None:
-        raise DataError("molecule_from_rdkit: got None (RDKit could not parse the molecule)")
-    if mol.GetNumConformers() == 0:
-        raise DataError("molecule_from_rdkit: the molecule has no conformer (3D coordinates are required)")
-    mol = Chem.Mol(mol)
-    if any(a.GetTotalNumHs() > 0 for a in mol.GetAtoms()):
-        mol = Chem.AddHs(mol, addCoords=True)
-    if kekulize:
-        Chem.Kekulize(mol, clearAromaticFlags=True)
-    atoms = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-    coords = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float32).reshape(-1, 3)
-    bonds, charges = _matrices(mol)
-    return Molecule(atoms, coords, bonds, charges, smiles=smiles)
-
-
-def to_rdkit(
-    atoms: np.ndarray,
-    coords: np.ndarray,
-    bonds: np.ndarray,
-    charges: np.ndarray,
-    sanitize: bool = True,
-    *,
-    allow_implicit_hs: bool = True,
-):
-    """Build an RDKit molecule with a 3D conformer; ``None`` if sanitisation fails (or there are no atoms).
-
-    As the reference, only the strict lower triangle of ``bonds`` is read (self-bonds ignored), and class 4 becomes an
-    aromatic bond that sanitisation must kekulise. With ``allow_implicit_hs=True`` (the reference), RDKit may add
-    implicit hydrogens to under-bonded atoms during sanitisation; ``False`` forbids it (stricter validity).
-
-    Args:
-        atoms: ``(n,)`` atomic numbers.
-        coords: ``(n, 3)`` coordinates in Å.
-        bonds: ``(n, n)`` bond classes.
-        charges: ``(n,)`` formal charges.
-    """
-    from rdkit import Chem, rdBase
-
-    types = (None, Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE, Chem.BondType.AROMATIC)
-    atoms = np.asarray(atoms, dtype=np.int64).reshape(-1)
-    n = atoms.shape[0]
-    if n == 0:
-        return None
-    bonds = np.asarray(bonds, dtype=np.int64)
-    charges = np.asarray(charges, dtype=np.int64).reshape(-1)
-    with rdBase.BlockLogs():
-        rw = Chem.RWMol()
-        for z, c in zip(atoms.tolist(), charges.tolist()):
-            a = Chem.Atom(int(z))
-            a.SetFormalCharge(int(c))
-            if not allow_implicit_hs:
-                a.SetNoImplicit(True)
-            rw.AddAtom(a)
-        ii, jj = np.nonzero(np.tril(bonds, k=-1))
-        for i, j in zip(ii.tolist(), jj.tolist()):
-            k = int(bonds[i, j])
-            if not 0 < k < len(types):
-                return None
-            rw.AddBond(i, j, types[k])
-            if k == 4:
-                rw.GetBondBetweenAtoms(i, j).SetIsAromatic(True)
-                rw.GetAtomWithIdx(i).SetIsAromatic(True)
-                rw.GetAtomWithIdx(j).SetIsAromatic(True)
-        conf = Chem.Conformer(n)
-        for i, p in enumerate(np.asarray(coords, dtype=np.float64).reshape(n, 3)):
-            conf.SetAtomPosition(i, p.tolist())
-        mol = rw.GetMol()
-        mol.AddConformer(conf, assignId=True)
-        if sanitize:
-            try:
-                Chem.SanitizeMol(mol)
-            except Exception:
-                return None
-        else:
-            for a in mol.GetAtoms():
-                a.UpdatePropertyCache(strict=False)
-    return mol
-
-
-def canonical_smiles(molecule, *, allow_implicit_hs: bool = True) -> str | None:
-    """Canonical SMILES (explicit hydrogens as graph atoms, rebuilt via :func:`to_rdkit`); None if invalid."""
-    m = _as_molecule(molecule)
-    mol = to_rdkit(m.atoms, m.coords, m.bonds, m.charges, allow_implicit_hs=allow_implicit_hs)
-    if mol is None:
-        return None
-    try:
-        from rdkit import Chem
-
-        return Chem.MolToSmiles(mol, canonical=True)
-    except Exception:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rotations and batching
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def uniform_rotation(
-    n: int,
-    generator: torch.Generator | None = None,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """``(n, 3, 3)`` rotation matrices drawn from the Haar (uniform) measure on SO(3).
-
-    A unit quaternion from four i.i.d. standard Gaussians, normalised, is uniform on S³ and maps to a uniform
-    rotation. (The reference's three independent ``U(0, 2π)`` Euler angles are *not* uniform.) Sampling runs on the
-    generator's device (CPU by default), in float64, then moves to ``device``/``dtype``.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    q = torch.randn(int(n), 4, generator=generator, device=gen_device, dtype=torch.float64)
-    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w, x, y, z = q.unbind(-1)
-    r = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(int(n), 3, 3)  # fmt: skip
-    return r.to(device=device if device is not None else gen_device, dtype=dtype)
-
-
-@dataclass
-class MoleculeBatch:
-    """Padded batch of molecules.
-
-    Attributes:
-        x: ``(B, N, 3)`` float32 coordinates in Å, centred per molecule over its real atoms (padding 0).
-        atom_types: ``(B, N)`` int64 indices into the data set's ``elements`` (padding 0).
-        bonds: ``(B, N, N)`` int64 bond classes (padding 0).
-        charges: ``(B, N)`` int64 charge class indices into :data:`CHARGES` (padding 0 = neutral).
-        mask: ``(B, N)`` bool, True for real atoms.
-    """
-
-    x: Tensor
-    atom_types: Tensor
-    bonds: Tensor
-    charges: Tensor
-    mask: Tensor
-
-    def to(self, device) -> MoleculeBatch:
-        return MoleculeBatch(
-            self.x.to(device),
-            self.atom_types.to(device),
-            self.bonds.to(device),
-            self.charges.to(device),
-            self.mask.to(device),
-        )
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def num_atoms(self) -> Tensor:
-        """``(B,)`` int64 number of real atoms per molecule."""
-        return self.mask.sum(dim=1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-
-def collate(
-    molecules: Sequence[Molecule],
-    elements: Sequence[str],
-    *,
-    rotate: bool = False,
-    generator: torch.Generator | None = None,
-    device=None,
-) -> MoleculeBatch:
-    """Pad molecules into a :class:`MoleculeBatch` (padded to the largest molecule).
-
-    Coordinates are centred per molecule (uniform weights, real atoms only) and, with ``rotate=True``, rotated by
-    an independent Haar-uniform rotation per molecule drawn with ``generator`` (rotation about the centroid, so
-    centring is kept). An element outside ``elements`` or an unsupported charge raises DataError naming the molecule
-    (its position in ``molecules`` and its SMILES if known).
-    """
-    elements = tuple(elements)
-    lookup = np.full(128, -1, dtype=np.int64)
-    for i, s in enumerate(elements):
-        if s not in _ATOMIC_NUMBERS:
-            raise DataError(f"collate: element {s!r} is not one of the supported elements {ELEMENTS}")
-        lookup[_ATOMIC_NUMBERS[s]] = i
-    b = len(molecules)
-    sizes = [m.num_atoms for m in molecules]
-    n_max = max(sizes, default=0)
-    x = np.zeros((b, n_max, 3), dtype=np.float32)
-    types = np.zeros((b, n_max), dtype=np.int64)
-    bonds = np.zeros((b, n_max, n_max), dtype=np.int64)
-    charges = np.zeros((b, n_max), dtype=np.int64)
-    mask = np.zeros((b, n_max), dtype=bool)
-    for k, m in enumerate(molecules):
-        n = sizes[k]
-        label = f"molecule {k}" + (f" ({m.smiles})" if m.smiles else "")
-        z = m.atoms
-        bad = (z < 0) | (z >= lookup.shape[0])
-        t = np.where(bad, -1, lookup[np.clip(z, 0, lookup.shape[0] - 1)])
-        if np.any(t < 0):
-            missing = sorted({element_symbol(v) for v in z[t < 0]})
-            raise DataError(f"collate: {label} has element(s) {missing} not in the vocabulary {elements}")
-        c = m.coords.astype(np.float64)
-        x[k, :n] = c - c.mean(axis=0) if n else c
-        types[k, :n] = t
-        bonds[k, :n, :n] = m.bonds
-        charges[k, :n] = charge_index(m.charges, name=f"collate: {label}")
-        mask[k, :n] = True
-    xt = torch.from_numpy(x)
-    if rotate and b:
-        rot = uniform_rotation(b, generator, dtype=torch.float32, device="cpu")
-        xt = torch.einsum("bij,bnj->bni", rot, xt) * torch.from_numpy(mask)[..., None]
-    batch = MoleculeBatch(
-        xt, torch.from_numpy(types), torch.from_numpy(bonds), torch.from_numpy(charges), torch.from_numpy(mask)
-    )
-    return batch.to(device) if device is not None else batch
-
-
-def uncollate(
-    x: Tensor,
-    atom_types: Tensor,
-    bonds: Tensor,
-    charges: Tensor,
-    mask: Tensor,
-    elements: Sequence[str],
-) -> list[Molecule]:
-    """Inverse of :func:`collate` for (generated) class indices -> list of :class:`Molecule`.
-
-    Args:
-        x: ``(B, N, 3)`` coordinates in Å.
-        atom_types: ``(B, N)`` indices into ``elements``.
-        bonds: ``(B, N, N)`` bond classes; the strict lower triangle is read and mirrored (the reference builds the
-            molecule from the lower triangle).
-        charges: ``(B, N)`` charge class indices into :data:`CHARGES`.
-        mask: ``(B, N)`` bool real atoms.
-    """
-    z_of = np.array([_ATOMIC_NUMBERS[s] for s in elements], dtype=np.int64)
-    ch_of = np.array(CHARGES, dtype=np.int64)
-    xs = x.detach().cpu().numpy()
-    ts = atom_types.detach().cpu().numpy()
-    bs = bonds.detach().cpu().numpy()
-    cs = charges.detach().cpu().numpy()
-    ms = mask.detach().cpu().numpy().astype(bool)
-    out = []
-    for k in range(xs.shape[0]):
-        idx = np.flatnonzero(ms[k])
-        lower = np.tril(bs[k][np.ix_(idx, idx)], k=-1).astype(np.int64)
-        out.append(Molecule(z_of[ts[k, idx]], xs[k, idx], lower + lower.T, ch_of[cs[k, idx]]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data set
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
@@ -563,11 +44,11 @@ def _vocabulary(molecules: Iterable[Molecule]) -> tuple[str, ...]:
     present: set[int] = set()
     for m in molecules:
         present.update(np.unique(m.atoms).tolist())
-    return tuple(s for s in ELEMENTS if _ATOMIC_NUMBERS[s] in present)
+    return tuple(s for s in ELEMENTS if ATOMIC_NUMBERS[s] in present)
 
 
 def _unsupported(atoms: np.ndarray) -> list[str]:
-    return sorted({element_symbol(z) for z in np.unique(atoms).tolist() if int(z) not in _SYMBOLS})
+    return sorted({element_symbol(z) for z in np.unique(atoms).tolist() if int(z) not in SYMBOLS})
 
 
 class _Skips:
@@ -597,7 +78,7 @@ def _infer_one(args) -> tuple[np.ndarray, np.ndarray, dict]:
         n = len(atoms)
         bonds = np.zeros((n, n), dtype=np.int64)
         with rdBase.BlockLogs():
-            mol = _bare_mol(atoms, coords)
+            mol = bare_mol(atoms, coords)
             try:
                 rdDetermineBonds.DetermineConnectivity(mol)
                 for b in mol.GetBonds():
@@ -637,11 +118,11 @@ class MoleculeDataset:
         if elements is None:
             elements = _vocabulary(self.molecules)
         elements = tuple(elements)
-        unknown = [s for s in elements if s not in _ATOMIC_NUMBERS]
+        unknown = [s for s in elements if s not in ATOMIC_NUMBERS]
         if unknown:
             raise DataError(f"{self.name}: elements {unknown} are not among the supported elements {ELEMENTS}")
         self.elements: tuple[str, ...] = tuple(s for s in ELEMENTS if s in elements)
-        allowed = {_ATOMIC_NUMBERS[s] for s in self.elements}
+        allowed = {ATOMIC_NUMBERS[s] for s in self.elements}
         for i, m in enumerate(self.molecules):
             extra = set(np.unique(m.atoms).tolist()) - allowed
             if extra:

@@ -43,8 +43,7 @@ import json
 import math
 import os
 import re
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reed.errors import DataError, ReedError
-from reed.io import atomic_savez, atomic_write_text, is_temp_name, progress_bar
+from reed.errors import DataError
+from reed.io import atomic_savez, atomic_write_text, is_temp_name
 
 FORMAT = "reed-protein-targets"
 VERSION = 1
@@ -61,15 +60,11 @@ INDEX = "index.json"
 ITEMS = "items"
 PER_RESIDUE_KINDS = ("single", "structure")
 PAIR_KINDS = ("pair",)
-AF3_KEYS = {"single": "single_embeddings", "pair": "pair_embeddings", "structure": "structure_embeddings"}
-AF3_EMBEDDINGS = Path("seed-0_embeddings") / "embeddings.npz"
-DEFAULT_ESM2 = "facebook/esm2_t33_650M_UR50D"
 _TARGET_EXP = 14  # scaled max magnitude lies in (2**13, 2**14]; fp16 max is 65504 ~ 2**16
 _KIND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_ESM_LETTERS = frozenset("LAGVSERTDIKPNQFYMHWCXBUZO")
 
 
-def _short(seq: str, n: int = 60) -> str:
+def short_sequence(seq: str, n: int = 60) -> str:
     return seq if len(seq) <= n else f"{seq[: n // 2]}...{seq[-(n // 2):]} (length {len(seq)})"
 
 
@@ -298,7 +293,7 @@ def sequence_window(name: str, stored: str, sequence: str) -> int:
         why = (f"is not a contiguous substring of the stored sequence (lengths {len(sequence)} vs {len(stored)}, "
                f"first difference at position {first})")
     raise DataError(f"protein targets for chain '{name}' were computed for a different sequence: the example's "
-                    f"sequence {why}.\n  example: {_short(sequence)}\n  stored:  {_short(stored)}")
+                    f"sequence {why}.\n  example: {short_sequence(sequence)}\n  stored:  {short_sequence(stored)}")
 
 
 class ProteinTargetStore:
@@ -394,315 +389,3 @@ class ProteinTargetStore:
                     t[b, :L] = a
             out[kind] = t
         return out
-
-
-# ------------------------------------------------------------------------------------------ standardisation
-
-
-# --------------------------------------------------------------------------------------------------- ESM-2
-
-
-ESM_VOCAB = ("<cls>", "<pad>", "<eos>", "<unk>", "L", "A", "G", "V", "S", "E", "R", "T", "D", "I", "K", "P", "N",
-             "Q", "F", "Y", "M", "H", "W", "C", "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>")
-
-
-def save_random_esm2(path: str | os.PathLike, *, hidden: int = 16, layers: int = 2, heads: int = 2,
-                     seed: int = 0) -> Path:
-    """Save a randomly initialised ESM-2-architecture model (real ESM vocabulary and tokenizer) to ``path``.
-
-    For tests and offline benchmarks where the pretrained weights cannot be downloaded: it goes through the same
-    loading code as ``facebook/esm2_*``, but its representations are those of an untrained network.
-    """
-    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
-
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.txt").write_text("\n".join(ESM_VOCAB) + "\n")
-    tok = EsmTokenizer(str(d / "vocab.txt"))
-    torch.manual_seed(seed)
-    cfg = EsmConfig(vocab_size=len(ESM_VOCAB), hidden_size=hidden, num_hidden_layers=layers,
-                    num_attention_heads=heads, intermediate_size=2 * hidden, pad_token_id=1, mask_token_id=32,
-                    position_embedding_type="rotary", token_dropout=True, emb_layer_norm_before=False,
-                    max_position_embeddings=1026)
-    EsmForMaskedLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
-
-
-def _model_help(model: str) -> str:
-    hub = model if not _looks_like_path(model) else DEFAULT_ESM2
-    return (f"on a machine with internet run `huggingface-cli download {hub} --local-dir DIR` (or "
-            f"`EsmModel.from_pretrained('{hub}').save_pretrained(DIR)` plus the tokenizer) and pass model=DIR")
-
-
-def load_esm2(model: str = DEFAULT_ESM2, *, device: str | torch.device = "cpu", attentions: bool = True):
-    """``(tokenizer, EsmModel)`` from a local directory or a hub id (the hub cache, or a download when online);
-    eval mode, gradients off. Raises :class:`ReedError` naming the model when it cannot be loaded."""
-    from transformers import AutoTokenizer, EsmModel
-
-    src = os.path.expanduser(str(model))
-    if not Path(src).exists() and _looks_like_path(str(model)):
-        raise ReedError(f"ESM-2 model directory not found: {model}; {_model_help(str(model))}")
-    kwargs: dict[str, Any] = {"add_pooling_layer": False}
-    if attentions:
-        kwargs["attn_implementation"] = "eager"  # sdpa/flash kernels do not return attention maps
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        esm, info = EsmModel.from_pretrained(src, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ReedError(f"cannot load ESM-2 model '{model}' ({msg}); {_model_help(str(model))}") from e
-    missing = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] not in ("pooler", "contact_head"))
-    if missing or info.get("mismatched_keys"):
-        raise ReedError(f"ESM-2 model '{model}' lacks weights {missing[:8]} or has wrong shapes "
-                        f"{list(info.get('mismatched_keys', []))[:8]}; is it an ESM-2 checkpoint?")
-    return tokenizer, esm.float().to(device).eval().requires_grad_(False)
-
-
-def _esm_ids(tokenizer, seq: str) -> list[int]:
-    vocab = tokenizer.get_vocab()
-    fallback = vocab.get("X", tokenizer.unk_token_id)
-    body = [vocab[c] if c in _ESM_LETTERS and c in vocab else fallback for c in seq.upper()]
-    return [tokenizer.cls_token_id, *body, tokenizer.eos_token_id]
-
-
-def _budget_batches(lengths: Sequence[int], order: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
-    """Consecutive groups of ``order`` whose padded size (max length + 2) * count stays within ``batch_tokens``
-    (a single sequence over the budget forms its own batch)."""
-    batch: list[int] = []
-    longest = 0
-    for i in order:
-        t = lengths[i] + 2
-        if batch and max(longest, t) * (len(batch) + 1) > batch_tokens:
-            yield batch
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, t)
-    if batch:
-        yield batch
-
-
-def esm2_embeddings(sequences: list[str], model: str = DEFAULT_ESM2, *, layer: int = -1,
-                    pair: str | None = "attention", device: str | torch.device = "cpu", batch_tokens: int = 4096,
-                    progress: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """ESM-2 targets for each sequence, yielded in input order.
-
-    ``single``: hidden state (L, hidden) of ``layer`` with BOS/EOS removed; layers are counted like fair-esm's
-    ``repr_layers``: 0 = token embeddings, n_layers = the last layer (after the final LayerNorm), negative values
-    from the end (default -1 = last). ``pair`` (when ``pair == "attention"``): every layer's and head's attention
-    map with BOS/EOS removed, (L, L, n_layers * n_heads) ordered layer-major, symmetrised (A + A^T) / 2.
-    Letters outside the ESM alphabet (and lower case is upper-cased) become ``X``.
-
-    Sequences are sorted by length within windows of the input and batched so that padded tokens per batch stay
-    within ``batch_tokens``; padding does not change the values (attention masks exclude it). ``model`` is a hub
-    id or a local directory (see :func:`load_esm2`)."""
-    from tqdm.auto import tqdm
-
-    if pair not in (None, "attention"):
-        raise ReedError(f"esm2_embeddings: pair must be 'attention' or None, got {pair!r}")
-    sequences = list(sequences)
-    for i, s in enumerate(sequences):
-        if not isinstance(s, str) or not s:
-            raise DataError(f"esm2_embeddings: sequence {i} is empty or not a string ({s!r})")
-    if not sequences:
-        return
-    tokenizer, esm = load_esm2(model, device=device, attentions=pair == "attention")
-    n_layers = int(esm.config.num_hidden_layers)
-    li = layer + n_layers + 1 if layer < 0 else layer
-    if not 0 <= li <= n_layers:
-        raise ReedError(f"esm2_embeddings: layer {layer} out of range for '{model}' with {n_layers} layers")
-    dev = next(esm.parameters()).device
-    lengths = [len(s) for s in sequences]
-    # Sort within windows so results can be yielded in input order without buffering the whole data set
-    # (pair maps are large: L*L*n_layers*n_heads floats each).
-    window_tokens = batch_tokens * (4 if pair else 64)
-    bar = tqdm(total=len(sequences), desc="ESM-2", disable=not progress)
-    start = 0
-    while start < len(sequences):
-        stop, tokens = start, 0
-        while stop < len(sequences) and (stop == start or tokens + lengths[stop] + 2 <= window_tokens):
-            tokens += lengths[stop] + 2
-            stop += 1
-        order = sorted(range(start, stop), key=lambda i: -lengths[i])
-        done: dict[int, dict[str, np.ndarray]] = {}
-        for group in _budget_batches(lengths, order, batch_tokens):
-            done.update(_esm_batch(tokenizer, esm, [sequences[i] for i in group], group, li, n_layers, pair, dev))
-            bar.update(len(group))
-        for i in range(start, stop):
-            yield done.pop(i)
-        start = stop
-    bar.close()
-
-
-@torch.no_grad()
-def _esm_batch(tokenizer, esm, seqs: list[str], idx: list[int], li: int, n_layers: int, pair: str | None,
-               dev: torch.device) -> dict[int, dict[str, np.ndarray]]:
-    ids = [_esm_ids(tokenizer, s) for s in seqs]
-    T = max(len(t) for t in ids)
-    input_ids = torch.full((len(ids), T), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(ids), T), dtype=torch.long)
-    for b, t in enumerate(ids):
-        input_ids[b, : len(t)] = torch.tensor(t)
-        attn[b, : len(t)] = 1
-    out = esm(input_ids=input_ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=li != n_layers,
-              output_attentions=pair == "attention")
-    hidden = out.last_hidden_state if li == n_layers else out.hidden_states[li]
-    maps = torch.stack(out.attentions, dim=1).flatten(1, 2) if pair == "attention" else None  # (B, C, T, T)
-    if maps is not None and maps.shape[1] != n_layers * esm.config.num_attention_heads:
-        raise ReedError(f"ESM-2 returned {maps.shape[1]} attention maps, expected layers*heads")
-    res: dict[int, dict[str, np.ndarray]] = {}
-    for b, (i, s) in enumerate(zip(idx, seqs)):
-        L = len(s)
-        item = {"single": hidden[b, 1 : L + 1].float().cpu().numpy()}
-        if maps is not None:
-            a = maps[b, :, 1 : L + 1, 1 : L + 1].float()
-            item["pair"] = ((a + a.transpose(1, 2)) * 0.5).permute(1, 2, 0).contiguous().cpu().numpy()
-        res[i] = item
-    return res
-
-
-def embed_proteins_esm2(names: Sequence[str], sequences: Sequence[str], out: str | os.PathLike, *,
-                        model: str = DEFAULT_ESM2, layer: int = -1, pair: str | None = "attention",
-                        device: str | torch.device = "cpu", batch_tokens: int = 4096,
-                        progress: bool = True) -> ProteinTargetStore:
-    """Write ESM-2 targets (:func:`esm2_embeddings`) for ``names`` into a store at ``out`` and open it. Names
-    already in ``out`` are skipped, so an interrupted run resumes; the model, layer and pair setting are recorded in
-    the store's meta and must match on resume."""
-    names, sequences = list(names), list(sequences)
-    if len(names) != len(sequences):
-        raise DataError(f"embed_proteins_esm2: {len(names)} names but {len(sequences)} sequences")
-    dup = sorted(n for n, c in Counter(names).items() if c > 1)
-    if dup:
-        raise DataError(f"embed_proteins_esm2: duplicate names {dup[:10]}")
-    writer = ProteinTargetWriter(out, meta={"source": "esm2", "model": str(model), "layer": int(layer),
-                                            "pair": pair})
-    todo = [i for i, n in enumerate(names) if not writer.has(n)]
-    try:
-        embs = esm2_embeddings([sequences[i] for i in todo], model, layer=layer, pair=pair, device=device,
-                               batch_tokens=batch_tokens, progress=progress)
-        for i, arrays in zip(todo, embs):
-            writer.add(names[i], sequences[i], arrays)
-    finally:
-        writer.close()
-    return ProteinTargetStore(out)
-
-
-# ------------------------------------------------------------------------------------------------------ AF3
-
-
-def _af3_sanitised(job: str) -> str:
-    """AF3's output folder name for a job name (lower case, spaces to '_', only [a-z0-9_.-] kept)."""
-    return "".join(c for c in job.lower().replace(" ", "_") if c.isalnum() or c in "_-.")
-
-
-def _af3_job_dir(af3_dir: Path, job: str) -> Path:
-    p = af3_dir / job
-    if not p.is_dir():
-        alt = af3_dir / _af3_sanitised(job)
-        if alt.is_dir():
-            return alt
-    return p
-
-
-def read_af3_job_sequence(job_dir: str | os.PathLike) -> str | None:
-    """The first protein sequence AF3 folded in ``job_dir`` (from ``{job}/{job}_data.json``:
-    ``sequences[0].protein.sequence``), or None when that file or field is absent. Unreadable JSON raises
-    :class:`DataError` naming the file."""
-    job_dir = Path(job_dir)
-    path = job_dir / f"{job_dir.name}_data.json"
-    if not path.is_file():
-        found = sorted(job_dir.glob("*_data.json")) if job_dir.is_dir() else []
-        if len(found) != 1:
-            return None
-        path = found[0]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read AF3 job data {path}: {e}") from e
-    try:
-        seq = data["sequences"][0]["protein"]["sequence"]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return seq if isinstance(seq, str) else None
-
-
-def import_af3_embeddings(af3_dir: str | os.PathLike, out: str | os.PathLike, *,
-                          chains: dict[str, tuple[str, str]], progress: bool = True) -> ProteinTargetStore:
-    """Import AF3 embeddings (reference layout ``af3_dir/{job}/seed-0_embeddings/embeddings.npz`` with
-    ``single_embeddings`` (Npad, 384), ``pair_embeddings`` (Npad, Npad, 128), ``structure_embeddings`` (Npad, 768))
-    into a store at ``out``. ``chains`` maps our example name -> (AF3 job name, the sequence AF3 folded); each is
-    stored under the example name with kinds single/pair/structure sliced to the folded length (dropping the AF3
-    bucket padding), together with the folded sequence. Training looks items up with the example's own sequence,
-    which must equal the folded one or occur once inside it (:meth:`ProteinTargetStore.get`).
-
-    Every job is checked first: a missing job folder, embeddings file or key, a bucket shorter than the folded
-    sequence, or a folded sequence that differs from the one in the job's ``{job}_data.json`` is collected, and one
-    :class:`DataError` lists them (up to 10) before anything is written. Names already in ``out`` are skipped."""
-    af3_dir = Path(af3_dir)
-    if not af3_dir.is_dir():
-        raise DataError(f"AF3 output directory not found: {af3_dir}")
-    writer = ProteinTargetWriter(out, meta={"source": "af3", "af3_dir": str(af3_dir)})
-    todo = [n for n in chains if not writer.has(n)]
-    problems: list[str] = []
-    plan: list[tuple[str, str, Path]] = []
-    for name in todo:
-        entry = chains[name]
-        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
-            problems.append(f"'{name}': expected (job name, folded sequence), got {entry!r}"[:200])
-            continue
-        job, seq = entry
-        if not seq:
-            problems.append(f"'{name}' (job {job}): empty folded sequence")
-            continue
-        job_dir = _af3_job_dir(af3_dir, job)
-        path = job_dir / AF3_EMBEDDINGS
-        if not job_dir.is_dir():
-            problems.append(f"'{name}': AF3 job folder {job_dir} not found")
-            continue
-        if not path.is_file():
-            problems.append(f"'{name}': AF3 embeddings file {path} not found")
-            continue
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-        except (OSError, ValueError, EOFError) as e:
-            problems.append(f"'{name}': cannot read {path}: {e}")
-            continue
-        missing = [k for k in AF3_KEYS.values() if k not in files]
-        if missing:
-            problems.append(f"'{name}': {path} lacks key(s) {missing}")
-            continue
-        folded = read_af3_job_sequence(job_dir)
-        if folded is not None and folded != seq:
-            problems.append(f"'{name}': job {job} folded {_short(folded, 40)} but chains gives {_short(seq, 40)}")
-            continue
-        plan.append((name, seq, path))
-    if problems:
-        writer.close()
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError(f"{len(problems)} of {len(todo)} AF3 jobs in {af3_dir} are missing or unusable:\n  "
-                        + "\n  ".join(problems[:10]) + more)
-    try:
-        for name, seq, path in progress_bar(plan, progress, "AF3 embeddings"):
-            writer.add(name, seq, _read_af3(path, name, len(seq)))
-    finally:
-        writer.close()
-    return ProteinTargetStore(out)
-
-
-def _read_af3(path: Path, name: str, L: int) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {}
-    with np.load(path, allow_pickle=False) as z:
-        for kind, key in AF3_KEYS.items():
-            a = z[key]
-            want = 3 if kind == "pair" else 2
-            if a.ndim != want or a.shape[0] < L or (want == 3 and a.shape[1] < L):
-                raise DataError(f"AF3 embeddings {path} ('{name}'): '{key}' has shape {list(a.shape)}, expected "
-                                f"{want}-D with at least {L} tokens (the folded sequence length)")
-            arrays[kind] = np.ascontiguousarray(a[:L, :L] if want == 3 else a[:L])
-    return arrays
-
