@@ -19,15 +19,17 @@ import logging
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from reed.errors import ConfigError
 
 log = logging.getLogger("reed")
+T = TypeVar("T")
 
 DEFAULT_DOMAIN = "image"  # the domain of a config that names none
 # top-level keys of the layout before domain sections; each domain's ``upgrade`` moves them into its section
@@ -249,6 +251,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key '{key}' (valid keys here: {', '.join(sorted(names))})")
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
+
+
+def build_from(cls: Callable[..., T], source: Any, **overrides: Any) -> T:
+    """``cls(**fields of the config dataclass source that cls takes, **overrides)``: a runtime object built from its
+    config section without listing the fields twice (``cls`` may be a dataclass or any keyword-only callable)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    kwargs = {f.name: getattr(source, f.name) for f in dataclasses.fields(source) if f.name in params}
+    return cls(**{**kwargs, **overrides})
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

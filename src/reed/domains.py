@@ -180,12 +180,10 @@ def build_denoiser(cfg: Config) -> nn.Module:
 
 def align_terms(cfg: Config) -> list[AlignTerm]:
     """Alignment terms of the config (target ``dim`` must be resolved)."""
+    from reed.config import build_from
     from reed.objective import AlignTerm
 
-    return [AlignTerm(name=t.name, dim=int(t.dim or 0), depth=t.depth, kind=t.kind, coeff=t.coeff,
-                      time_weight=t.time_weight, cutoffs=tuple(t.cutoffs), modality=t.modality,
-                      projector_dim=t.projector_dim, projector_layers=t.projector_layers,
-                      standardize=t.standardize) for t in cfg.targets]
+    return [build_from(AlignTerm, t, dim=int(t.dim or 0), cutoffs=tuple(t.cutoffs)) for t in cfg.targets]
 
 
 def active_targets(cfg: Config) -> list[TargetConfig]:
@@ -208,13 +206,12 @@ def resolve_targets(cfg: Config, load: Callable[[list[TargetConfig]], tuple[Any,
 
 def curriculum(cfg: Config, steps_per_unit: int = 1) -> Curriculum:
     """The config's curriculum; for ``unit: epoch`` counts are epochs of ``steps_per_unit`` steps."""
+    from reed.config import build_from
     from reed.objective import Curriculum
 
     c = cfg.objective.curriculum
     unit = steps_per_unit if c.unit == "epoch" else 1
-    total = max(cfg.train.steps // unit, 1)
-    return Curriculum(gen_start=c.gen_start, gen_warmup=c.gen_warmup, gen_decay=c.gen_decay,
-                      align_decay=c.align_decay, align_steps=c.align_steps, total=total, steps_per_unit=unit)
+    return build_from(Curriculum, c, total=max(cfg.train.steps // unit, 1), steps_per_unit=unit)
 
 
 def build_objective(cfg: Config, process: Any, steps_per_unit: int = 1) -> Objective:

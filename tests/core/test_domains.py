@@ -262,3 +262,20 @@ def test_a_fourth_domain_trains_and_resumes(tmp_path):
         assert isinstance(model, ToyDenoiser) and loaded.toy.width == 8
     finally:
         domains._REGISTRY.pop("toy", None)
+
+
+def test_runtime_objects_are_built_from_their_config_sections():
+    from reed.config import TargetConfig, build_from
+    from reed.objective import AlignTerm, Curriculum
+
+    t = TargetConfig(name="cap", source="caption_text", kind="pooled", depth=3, coeff=0.5, time_weight="cutoff",
+                     cutoffs=[0.2, 0.7], modality="text", projector_dim=64, projector_layers=2, standardize=True)
+    assert build_from(AlignTerm, t, dim=384, cutoffs=(0.2, 0.7)) == AlignTerm(
+        name="cap", dim=384, depth=3, kind="pooled", coeff=0.5, time_weight="cutoff", cutoffs=(0.2, 0.7),
+        modality="text", projector_dim=64, projector_layers=2, standardize=True)
+    cfg = load_config(ROOT / "configs" / "protein_reed.yaml")
+    cur = domains.curriculum(cfg, steps_per_unit=7)
+    c = cfg.objective.curriculum
+    assert isinstance(cur, Curriculum) and cur.steps_per_unit == (7 if c.unit == "epoch" else 1)
+    assert (cur.gen_start, cur.gen_warmup, cur.gen_decay, cur.align_decay) == (c.gen_start, c.gen_warmup,
+                                                                              c.gen_decay, c.align_decay)

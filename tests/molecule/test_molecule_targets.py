@@ -178,6 +178,24 @@ def test_embed_and_load_round_trip(qm9, encoder, fitted, tmp_path):
     torch.testing.assert_close(got2["pooled"], got["pooled"], rtol=0, atol=1e-6)
 
 
+def test_pooled_targets_in_the_generic_store(qm9, encoder, tmp_path):
+    """Training reads pooled targets from a reed.store target store: the same rows as the .npz, written once,
+    refused for other data."""
+    from reed.molecule.targets import store_molecule_targets
+    from reed.store import TargetStore
+
+    ds = qm9.subset(np.arange(40))
+    store = store_molecule_targets(ds, encoder, tmp_path / "s", batch_atoms=256, progress=False)
+    assert isinstance(store, TargetStore) and len(store) == 40 and store.dim == 32
+    pooled, _, _ = encoder.encode(ds.molecules)
+    torch.testing.assert_close(store.get(np.arange(40)), pooled, rtol=0, atol=1e-5)
+    torch.testing.assert_close(store.get([7, 3]), pooled[[7, 3]], rtol=0, atol=1e-5)
+    again = store_molecule_targets(ds, None, tmp_path / "s", progress=False)  # cached: no encoder needed
+    assert torch.equal(again.get(np.arange(40)), store.get(np.arange(40)))
+    with pytest.raises(DataError, match="different data set"):
+        store_molecule_targets(qm9.subset(np.arange(1, 41)), None, tmp_path / "s", progress=False)
+
+
 def test_load_rejects_targets_of_other_data(qm9, encoder, tmp_path):
     path = embed_molecules(qm9.subset(np.arange(100)), encoder, tmp_path / "t.npz", progress=False)
     with pytest.raises(DataError, match="different data"):

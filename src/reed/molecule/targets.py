@@ -27,8 +27,10 @@ Two target encoders and one store:
    missing from a different checkpoint would stay randomly initialised. The paper's ``unimol_global`` checkpoint (a
    global head trained on GEOM) is a different model that ``unimol_tools`` cannot load.
 
-3. :func:`embed_molecules` / :func:`load_molecule_targets`: one ``.npz`` file per target set, aligned with a data
-   set's order and validated on load (count, :func:`dataset_fingerprint`, finite values).
+3. :func:`store_molecule_targets`: the pooled targets in the generic target store (:mod:`reed.store`), what
+   training reads. :func:`embed_molecules` / :func:`load_molecule_targets`: one ``.npz`` file per target set that
+   can also hold per-atom targets (ragged ``(n_i, D)`` rows, which the fixed-shape generic store cannot), aligned
+   with a data set's order and validated on load (count, :func:`dataset_fingerprint`, finite values).
 
 File layout written by :func:`embed_molecules`::
 
@@ -66,6 +68,7 @@ from reed.molecule.batch import MoleculeBatch, collate, uniform_rotation
 from reed.molecule.chem import Molecule
 from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.nets import MoleculeDenoiser, masked_mean_pool
+from reed.store import TargetStore, TargetStoreWriter
 
 __all__ = [
     "FittedMoleculeEncoder",
@@ -723,29 +726,21 @@ def _torch_load_allow_namespace():
 # ----------------------------------------------------------------------------------------------------------------------
 # Storage
 # ----------------------------------------------------------------------------------------------------------------------
-def embed_molecules(
-    dataset: MoleculeDataset,
-    encoder,
-    out_path,
-    *,
-    batch_atoms: int = 4096,
-    per_atom: bool = False,
-    progress: bool = True,
-    device="cpu",
-) -> Path:
-    """Compute targets for every molecule of ``dataset`` (in order) and write them to ``out_path`` (.npz, atomic).
+def compute_molecule_targets(dataset: MoleculeDataset, encoder, *, batch_atoms: int = 4096, per_atom: bool = False,
+                             progress: bool = True, device="cpu") -> tuple[np.ndarray, list | None, str, str]:
+    """``(pooled (N, D) float32, per-atom list of (n_i, D) or None, encoder description, data-set fingerprint)`` for
+    every molecule of ``dataset`` in order.
 
     ``encoder`` is a :class:`FittedMoleculeEncoder`, the directory of one (loaded onto ``device``), or any callable
     ``molecules -> (pooled (B, D), per_atom list of (n_i, D))`` such as :class:`UniMolEncoder`. Molecules are
     processed in batches of at most ``batch_atoms`` padded atoms, sorted by size; the results are put back in data-set
-    order. See the module docstring for the file layout.
+    order. Non-finite values raise DataError naming the first bad molecule.
     """
     if int(batch_atoms) < 1:
         raise ConfigError(f"embed_molecules: batch_atoms must be >= 1, got {batch_atoms}")
     mols = _molecules(dataset)
     if not mols:
         raise DataError("embed_molecules: the data set is empty")
-    out_path = Path(out_path)
     if isinstance(encoder, (str, os.PathLike)):
         encoder = FittedMoleculeEncoder.load(encoder, device=device)
     description = str(getattr(encoder, "description", type(encoder).__name__))
@@ -777,16 +772,36 @@ def embed_molecules(
         raise ConfigError(f"embed_molecules: encoder must be a FittedMoleculeEncoder, its directory or a callable, "
                           f"got {type(encoder).__name__}")
 
+    pooled = pooled.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(pooled).all(axis=1))
+    if bad.size:
+        raise DataError(f"embed_molecules: the encoder produced non-finite values for molecule {int(bad[0])}")
+    return pooled, (atoms if per_atom else None), description, dataset_fingerprint(mols)
+
+
+def embed_molecules(
+    dataset: MoleculeDataset,
+    encoder,
+    out_path,
+    *,
+    batch_atoms: int = 4096,
+    per_atom: bool = False,
+    progress: bool = True,
+    device="cpu",
+) -> Path:
+    """Compute targets for every molecule of ``dataset`` (in order, see :func:`compute_molecule_targets`) and write
+    them to ``out_path`` (.npz, atomic), per-atom targets included when ``per_atom``. See the module docstring for
+    the file layout."""
+    out_path = Path(out_path)
+    pooled, atoms, description, fingerprint = compute_molecule_targets(
+        dataset, encoder, batch_atoms=batch_atoms, per_atom=per_atom, progress=progress, device=device)
     arrays: dict[str, np.ndarray] = {
         "format": np.array(TARGETS_FORMAT),
         "version": np.array(TARGETS_VERSION, dtype=np.int64),
-        "pooled": pooled.astype(np.float32),
-        "fingerprint": np.array(dataset_fingerprint(mols)),
+        "pooled": pooled,
+        "fingerprint": np.array(fingerprint),
         "encoder": np.array(description),
     }
-    bad = np.flatnonzero(~np.isfinite(arrays["pooled"]).all(axis=1))
-    if bad.size:
-        raise DataError(f"embed_molecules: the encoder produced non-finite values for molecule {int(bad[0])}")
     if per_atom:
         flat = np.concatenate(atoms, axis=0) if atoms else np.zeros((0, pooled.shape[1]), np.float32)
         if flat.size and float(np.abs(flat).max()) > _FP16_MAX:
@@ -799,6 +814,23 @@ def embed_molecules(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_savez(out_path, arrays)
     return out_path
+
+
+def store_molecule_targets(dataset: MoleculeDataset, encoder, directory, *, batch_atoms: int = 4096,
+                           progress: bool = True, device="cpu") -> TargetStore:
+    """The pooled targets of every molecule of ``dataset`` in the generic target store (:mod:`reed.store`) at
+    ``directory``, written once (float32, one shard, the data-set fingerprint in the manifest) and opened with
+    the count and fingerprint checked. What training reads; per-atom targets need :func:`embed_molecules`."""
+    directory = Path(directory)
+    if not (directory / "manifest.json").is_file():
+        pooled, _, description, fingerprint = compute_molecule_targets(
+            dataset, encoder, batch_atoms=batch_atoms, progress=progress, device=device)
+        w = TargetStoreWriter(directory, source=f"molecule_encoder:{description}", count=len(pooled),
+                              shape=(pooled.shape[1],), dtype="float32", shard_size=max(len(pooled), 1),
+                              dataset_fingerprint=fingerprint, preprocessing={"pooling": "mean over real atoms"})
+        w.write(lambda idx: pooled[idx], batch_size=len(pooled), progress=False)
+        w.finalize()
+    return TargetStore(directory, expect_count=len(dataset), expect_dataset=dataset_fingerprint(dataset))
 
 
 def load_molecule_targets(path, dataset: MoleculeDataset) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reed.config import Config
+from reed.config import Config, build_from
 from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
@@ -25,6 +25,7 @@ from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.flow import MoleculeFlow, self_condition_inputs
 from reed.molecule.nets.denoiser import MoleculeDenoiser, build_molecule_model
 from reed.objective import DenoiserOutput, Objective, ReedModule
+from reed.store import TargetStore
 
 
 def load_molecules(cfg: Config, progress: bool = False) -> MoleculeDataset:
@@ -66,10 +67,8 @@ def build_denoiser_from_config(cfg: Config) -> MoleculeDenoiser:
 
 def build_flow(cfg: Config, num_atom_types: int) -> MoleculeFlow:
     p = cfg.molecule.process
-    return MoleculeFlow(num_atom_types, coord_noise=p.coord_noise, ot=p.ot, time_alpha=p.time_alpha,
-                        time_beta=p.time_beta, coord_loss_norm=p.coord_loss_norm,
-                        loss_weights={"coords": p.w_coords, "types": p.w_types, "bonds": p.w_bonds,
-                                      "charges": p.w_charges})
+    weights = {"coords": p.w_coords, "types": p.w_types, "bonds": p.w_bonds, "charges": p.w_charges}
+    return build_from(MoleculeFlow, p, num_atom_types=num_atom_types, loss_weights=weights)
 
 
 def model_fn(model):
@@ -106,20 +105,23 @@ def generate_molecules(model: MoleculeDenoiser, cfg: Config, elements, count_dis
 
 
 class MoleculeTargets:
-    """Per-molecule targets of the training set, one (N,D) tensor per term name, computed once and cached."""
+    """Per-molecule targets of the training set, one target store (:mod:`reed.store`, rows (N,D)) per term name,
+    computed once into the cache and reused while data, encoder and its weights are unchanged."""
 
     def __init__(self, terms_cfg, train: MoleculeDataset, cache_dir: str, device, progress: bool):
-        from reed.molecule.targets import dataset_fingerprint, embed_molecules, load_molecule_targets
+        from reed.molecule.targets import dataset_fingerprint, store_molecule_targets
 
-        self.pooled: dict[str, torch.Tensor] = {}
+        self.stores: dict[str, TargetStore] = {}
         fp = dataset_fingerprint(train)
         for t in terms_cfg:
-            encoder = self._encoder(t, device)
             key = hashlib.sha1(f"{fp}|{t.encoder}|{t.path}|{_weights_stamp(t.path)}".encode()).hexdigest()[:16]
-            path = Path(cache_dir) / "molecule_targets" / f"{t.name}_{key}.npz"
-            if not path.is_file():
-                embed_molecules(train, encoder, path, progress=progress, device=device)
-            self.pooled[t.name] = load_molecule_targets(path, train)["pooled"].float()
+            path = Path(cache_dir) / "molecule_targets" / f"{t.name}_{key}"
+            encoder = None if (path / "manifest.json").is_file() else self._encoder(t, device)
+            self.stores[t.name] = store_molecule_targets(train, encoder, path, progress=progress, device=device)
+
+    def batch(self, idx, device) -> dict[str, torch.Tensor]:
+        """{name: (B, D)} of the training molecules ``idx``."""
+        return {name: s.get(idx).to(device) for name, s in self.stores.items()}
 
     @staticmethod
     def _encoder(t, device):
@@ -165,7 +167,7 @@ class MoleculeTask:
         def load(terms_cfg):
             with main_process_first():
                 targets = MoleculeTargets(terms_cfg, self.train_set, cfg.train.cache_dir, device, progress)
-            return targets, {name: int(z.shape[1]) for name, z in targets.pooled.items()}
+            return targets, {name: s.dim for name, s in targets.stores.items()}
 
         cfg, self.targets = resolve_targets(cfg, load)
         self.epochs = EpochBatches(self.train_set.batches(cfg.molecule.data.atom_budget), seed=cfg.seed,
@@ -196,7 +198,7 @@ class MoleculeTask:
         rot = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 64 + rank)  # rotations drawn on CPU
         for idx in self.epochs.indices(step, rank):
             mb = self.train_set.collate(idx, rotate=self.cfg.molecule.data.rotate, generator=rot).to(device)
-            z = {name: t[idx].to(device) for name, t in self.targets.pooled.items()}
+            z = self.targets.batch(idx, device)
             yield mb, z
 
     def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):

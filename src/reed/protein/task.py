@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from reed.config import Config
+from reed.config import Config, build_from
 from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
@@ -35,9 +35,7 @@ def build_mpnn_denoiser(cfg: Config) -> MPNNDenoiser:
 
 
 def build_process(cfg: Config) -> MaskedDiffusion:
-    p = cfg.protein.process
-    return MaskedDiffusion(parameterization=p.parameterization, label_smoothing=p.label_smoothing, min_t=p.min_t,
-                           loss_norm=p.loss_norm)
+    return build_from(MaskedDiffusion, cfg.protein.process)
 
 
 def load_splits(cfg: Config, progress: bool = False) -> dict[str, ProteinDataset]:
