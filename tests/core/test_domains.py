@@ -279,3 +279,21 @@ def test_runtime_objects_are_built_from_their_config_sections():
     assert isinstance(cur, Curriculum) and cur.steps_per_unit == (7 if c.unit == "epoch" else 1)
     assert (cur.gen_start, cur.gen_warmup, cur.gen_decay, cur.align_decay) == (c.gen_start, c.gen_warmup,
                                                                               c.gen_decay, c.align_decay)
+
+
+def test_a_domain_without_its_extra_is_one_line():
+    """Without biotite (simulated in a fresh interpreter) a protein config fails with one line naming the extra,
+    and the image commands still work."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['biotite'] = None\n"
+            "from reed.cli import main\n"
+            "rc = main(['show-config', 'configs/protein_reed.yaml'])\n"
+            "assert main(['show-config', 'configs/demo.yaml']) == 0\n"
+            "sys.exit(rc)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert err == ["reed show-config: error: the protein domain needs biotite: pip install 'reed[protein]'"]
+    assert "domain: image" in res.stdout
