@@ -311,9 +311,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
     A key of the old layout that names a field of the domain section (``model.depth=4``) is applied there
     (``image.model.depth=4``) with a deprecation notice."""
+    from reed.domains import get_domain
+
     cfg = validate(cfg)
     tree = to_dict(cfg)
-    section = tree.get(cfg.domain) or {}
+    legacy = get_domain(cfg.domain).legacy_overrides
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config override '{item}' must look like key.sub=value")
@@ -324,11 +326,13 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         except yaml.YAMLError as e:
             raise ConfigError(f"config override '{item}': value is not valid YAML ({e})") from None
         head = key.split(".", 1)[0]
-        if head not in tree and head in section:
-            log.warning("reed: deprecated override '%s': write '%s.%s' (domain sections since reed 0.2)",
-                        key, cfg.domain, key)
+        if head not in tree and head in legacy:
+            log.warning("reed: deprecated override '%s': write '%s.%s' (the %s settings live in the '%s:' section)",
+                        key, cfg.domain, key, head, cfg.domain)
             key = f"{cfg.domain}.{key}"
         _set_dotted(tree, key, value)
+    if tree.get("domain") != cfg.domain:  # `domain=...`: the new domain's section starts from its defaults
+        tree.pop(cfg.domain, None)
     return config_from_tree(tree)
 
 

@@ -80,12 +80,15 @@ class DomainSpec:
     denoiser: ``resolved cfg -> nn.Module`` (e.g. from the config stored in a checkpoint).
     target_sources: the ``targets.<i>.source`` values the domain understands.
     validate: cross-field checks of the section (raise ConfigError naming the key).
-    add_commands: ``(argparse subparsers) -> None``, the domain's own ``reed`` subcommands.
+    add_commands: ``(reed.cli.Commands) -> None``, the domain's own ``reed`` subcommands and its flags of
+      ``sample`` / ``evaluate``.
     sample / evaluate: ``(args) -> int`` handlers of ``reed sample`` / ``reed evaluate`` for this domain's runs.
     owns_samples: ``path -> bool``, whether ``reed evaluate PATH`` is for this domain (None: only as default).
     resume_may_change: sub-keys of the section that may differ on ``--resume`` (taken from the new config).
     upgrade: ``tree -> tree``, moves the old layout's top-level keys (:data:`reed.config.LEGACY_KEYS`) into the
       section (or drops them where the old layout saved unused defaults); None when the domain never had them.
+    legacy_overrides: old-layout override heads that now live in the section (``model.depth=4`` ->
+      ``image.model.depth=4``), applied there with a deprecation notice.
     find_unused_parameters: some parameters may get no gradient in a step (DDP must be told).
     """
 
@@ -101,6 +104,7 @@ class DomainSpec:
     owns_samples: Callable[[Path], bool] | None = None
     resume_may_change: tuple[str, ...] = ()
     upgrade: Callable[[dict], dict] | None = None
+    legacy_overrides: tuple[str, ...] = ()
     find_unused_parameters: bool = False
 
 

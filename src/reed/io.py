@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "read_npz",
     "TEMP_SUFFIX",
     "atomic_path",
     "atomic_save_npy",

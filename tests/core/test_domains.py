@@ -281,19 +281,46 @@ def test_runtime_objects_are_built_from_their_config_sections():
                                                                               c.gen_decay, c.align_decay)
 
 
-def test_a_domain_without_its_extra_is_one_line():
-    """Without biotite (simulated in a fresh interpreter) a protein config fails with one line naming the extra,
-    and the image commands still work."""
+def test_a_domain_without_its_extra_is_one_line(tmp_path):
+    """Without biotite (simulated in a fresh interpreter) the protein commands and flags still exist and fail with
+    one line naming the extra; the image commands still work."""
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['biotite'] = None\n"
             "from reed.cli import main\n"
-            "rc = main(['show-config', 'configs/protein_reed.yaml'])\n"
             "assert main(['show-config', 'configs/demo.yaml']) == 0\n"
-            "sys.exit(rc)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr
-    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert err == ["reed show-config: error: the protein domain needs biotite: pip install 'reed[protein]'"]
+            "rcs = [main(['train', 'configs/protein_reed.yaml', 'protein.data.path=../shared/data/pdb',\n"
+            f"              '--out', r'{tmp_path / 'run'}']),\n"
+            f"       main(['embed-protein', 'configs/protein_reed.yaml', '--out', r'{tmp_path / 'store'}']),\n"
+            f"       main(['evaluate', r'{tmp_path / 'designs.fasta'}', '--split', 'test'])]\n"
+            "sys.exit(0 if rcs == [2, 2, 2] else 1)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    err = [ln for ln in res.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+    want = "error: the protein domain needs biotite: pip install 'reed[protein]'"
+    assert [ln.split(": ", 1)[1] for ln in err] == [want] * 3, err
     assert "domain: image" in res.stdout
+
+
+def test_legacy_overrides_only_where_the_old_layout_had_them_and_domain_override():
+    with pytest.raises(ConfigError, match="unknown config key 'data'"):
+        load_config(ROOT / "configs" / "protein_reed.yaml", ["data.path=/x"])  # protein never had top-level data
+    mol = load_config(ROOT / "configs" / "molecule_qm9_reed.yaml", ["fit.steps=7"])
+    assert mol.molecule.fit.steps == 7
+    switched = load_config(ROOT / "configs" / "demo.yaml", ["domain=protein", "targets=[]"])
+    assert switched.domain == "protein" and set(switched.sections) == {"protein"}
+
+
+def test_resume_lets_sampler_and_fitting_settings_change():
+    from reed.train import config_differences, resume_config
+
+    saved = load_config(ROOT / "configs" / "demo.yaml")
+    now = load_config(ROOT / "configs" / "demo.yaml", ["image.sample.steps=9", "image.fit.steps=5",
+                                                       "train.steps=3000"])
+    assert config_differences(now, saved) == []
+    merged = resume_config(now, saved)
+    assert (merged.image.sample.steps, merged.image.fit.steps, merged.train.steps) == (9, 5, 3000)
+    moved = load_config(ROOT / "configs" / "demo.yaml", ["image.model.depth=3"])
+    assert [d.split(" ")[0] for d in config_differences(moved, saved)] == ["image.model.depth"]

@@ -24,4 +24,5 @@ DOMAIN = DomainSpec(name="image", config=ImageConfig, task=lazy("reed.image.task
                     denoiser=lazy("reed.image.task:build_sit_denoiser"), target_sources=TARGET_SOURCES,
                     validate=validate_image, add_commands=lazy("reed.image.cli:add_commands"),
                     sample=lazy("reed.image.cli:cmd_sample"), evaluate=lazy("reed.image.cli:cmd_evaluate"),
-                    resume_may_change=("sample",), upgrade=_upgrade)
+                    resume_may_change=("sample", "fit"), upgrade=_upgrade,
+                    legacy_overrides=LEGACY_KEYS)

@@ -196,6 +196,8 @@ def cmd_evaluate(args) -> int:
 
         ck = resolve_checkpoint(args.run)
         cfg = config_from_yaml_text(read_config_text(ck), str(ck))
+        if cfg.domain != "image":
+            raise ConfigError(f"--run {args.run} is a {cfg.domain} run; in-domain image metrics need an image run")
         ds = load_dataset(cfg.image.data)
         with np.load(samples) as f:
             imgs, labels = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)

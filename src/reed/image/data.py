@@ -113,7 +113,7 @@ def load_dataset(cfg: DataConfig):
         from reed.image.sharded import LatentDataset, PixelShardDataset
 
         if not cfg.path:
-            raise DataError(f"data.path is required for data.name={cfg.name}")
+            raise DataError(f"image.data.path is required for image.data.name={cfg.name}")
         return PixelShardDataset(cfg.path) if cfg.name == "images" else LatentDataset(cfg.path)
     if cfg.name == "digits":
         from reed.image.digits import load_digits_arrays
@@ -122,7 +122,7 @@ def load_dataset(cfg: DataConfig):
         return ImageDataset("digits", torch.from_numpy(imgs), torch.from_numpy(labels), 10)
     if cfg.name == "npz":
         if not cfg.path:
-            raise DataError("data.path is required for data.name=npz")
+            raise DataError("image.data.path is required for image.data.name=npz")
         return _from_npz(Path(cfg.path))
     raise DataError(f"unknown data set '{cfg.name}'")
 

@@ -70,7 +70,7 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
              use_ema: bool = True, labels: str = "balanced", device: str | None = None,
              progress: bool = True, vae: str | None = None, process_index: int = 0, num_processes: int = 1,
              barrier=None, keep_parts: bool = False) -> dict:
-    """Sample ``num`` images into an ADM-layout ``.npz``; settings default to the run's ``sample`` config.
+    """Sample ``num`` images into an ADM-layout ``.npz``; settings default to the run's ``image.sample`` config.
 
     Work is cut into chunks of ``batch_size`` samples; chunk c uses noise seeded by (seed, c) and is done by process
     ``c % num_processes`` (``accelerate launch``), written atomically to ``<out>.parts/``, and skipped when a rerun

@@ -22,7 +22,7 @@ from reed.sampling.samplers import sample as run_sampler
 
 
 def resolve_model_config(cfg: Config, ds) -> Config:
-    """Fill model.input_size / in_channels / num_classes from the data set; error if they contradict it."""
+    """Fill image.model.input_size / in_channels / num_classes from the data set; error if they contradict it."""
     c, h, w = ds.shape
     if h != w:
         raise ConfigError(f"images must be square for SiT, got {h}x{w}")
@@ -30,9 +30,9 @@ def resolve_model_config(cfg: Config, ds) -> Config:
     for key, have in (("input_size", h), ("in_channels", c)):
         val = getattr(m, key)
         if val is not None and val != have:
-            raise ConfigError(f"config key 'model.{key}' is {val} but the data set '{ds.name}' has {have}")
+            raise ConfigError(f"config key 'image.model.{key}' is {val} but the data set '{ds.name}' has {have}")
     if m.num_classes is not None and m.num_classes < ds.num_classes:
-        raise ConfigError(f"config key 'model.num_classes' is {m.num_classes} but the data have {ds.num_classes} "
+        raise ConfigError(f"config key 'image.model.num_classes' is {m.num_classes} but the data have {ds.num_classes} "
                           "classes")
     m = replace(m, input_size=h, in_channels=c, num_classes=m.num_classes or ds.num_classes)
     return cfg.with_section(model=m)

@@ -3,13 +3,13 @@ matching and its sampler, molecular-encoder targets, RDKit metrics and the molec
 
 from __future__ import annotations
 
-from reed.domains import DomainSpec, lazy, require_extra
+from reed.config import LEGACY_KEYS
+from reed.domains import DomainSpec, lazy
+from reed.errors import ConfigError
+from reed.molecule.config import TARGET_SOURCES, MoleculeConfig, validate_molecule
 
-require_extra("molecule", "molecule", "rdkit")
-
-from reed.config import LEGACY_KEYS  # noqa: E402
-from reed.errors import ConfigError  # noqa: E402
-from reed.molecule.config import TARGET_SOURCES, MoleculeConfig, validate_molecule  # noqa: E402
+# RDKit (the extra reed[molecule]) is required by reed.molecule.chem, which every molecule computation imports; the
+# config section, the commands and their flags load without it
 
 
 def _upgrade(tree: dict) -> dict:
@@ -29,4 +29,5 @@ DOMAIN = DomainSpec(name="molecule", config=MoleculeConfig, task=lazy("reed.mole
                     denoiser=lazy("reed.molecule.task:build_denoiser_from_config"), target_sources=TARGET_SOURCES,
                     validate=validate_molecule, add_commands=lazy("reed.molecule.cli:add_commands"),
                     sample=lazy("reed.molecule.cli:cmd_sample"), evaluate=lazy("reed.molecule.cli:cmd_evaluate"),
-                    owns_samples=lazy("reed.molecule.cli:owns_samples"), upgrade=_upgrade)
+                    owns_samples=lazy("reed.molecule.cli:owns_samples"), resume_may_change=("fit",),
+                    upgrade=_upgrade, legacy_overrides=("fit",))

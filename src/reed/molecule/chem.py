@@ -30,7 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reed.domains import require_extra
 from reed.errors import DataError
+
+require_extra("molecule", "molecule", "rdkit")
 
 __all__ = [
     "BOND_ORDERS",

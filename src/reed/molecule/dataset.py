@@ -178,7 +178,8 @@ class MoleculeDataset:
         return counts / max(counts.sum(), 1.0)
 
     def smiles_set(self, *, progress: bool = False) -> set[str]:
-        """Canonical SMILES of the valid molecules (explicit H, rebuilt via :func:`to_rdkit`), for novelty."""
+        """Canonical SMILES of the valid molecules (explicit H, rebuilt via :func:`~reed.molecule.chem.to_rdkit`),
+        for novelty."""
         out = set()
         for m in progress_bar(self.molecules, progress, f"{self.name}: SMILES"):
             s = canonical_smiles(m)

@@ -174,7 +174,7 @@ def molecule_metrics(
           ``connected_validity`` (valid and a single fragment);
         - ``uniqueness`` (distinct canonical SMILES / valid), ``novelty`` (valid whose SMILES is not in
           ``train_smiles`` / valid; only when ``train_smiles`` is given). SMILES keep hydrogens as graph atoms, the
-          same form as :meth:`~reed.molecule.chem.MoleculeDataset.smiles_set`;
+          same form as :meth:`~reed.molecule.dataset.MoleculeDataset.smiles_set`;
         - with ``energy=True``: ``energy``/``energy_per_atom`` (MMFF94 of the pose, mean over molecules where MMFF sets
           up), ``energy_validity``; ``strain``/``strain_per_atom`` (E - E_opt after at most ``max_iters`` MMFF steps,
           converged optimisations only), ``opt_energy_validity`` (converged / molecules), ``opt_rmsd`` (Kabsch RMSD

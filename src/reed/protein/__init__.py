@@ -3,12 +3,12 @@ protein targets (ESM-2, AF3), sequence design, metrics and the protein commands 
 
 from __future__ import annotations
 
-from reed.domains import DomainSpec, lazy, require_extra
+from reed.config import LEGACY_KEYS
+from reed.domains import DomainSpec, lazy
+from reed.protein.config import TARGET_SOURCES, ProteinConfig, validate_protein
 
-require_extra("protein", "protein", "biotite")
-
-from reed.config import LEGACY_KEYS  # noqa: E402
-from reed.protein.config import TARGET_SOURCES, ProteinConfig, validate_protein  # noqa: E402
+# biotite (the extra reed[protein]) is required by reed.protein.data, which every protein computation imports; the
+# config section, the commands and their flags load without it, so `reed embed-protein` etc. say what to install
 
 
 def _upgrade(tree: dict) -> dict:

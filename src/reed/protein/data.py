@@ -21,8 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reed.domains import require_extra
 from reed.errors import DataError
 from reed.io import progress_bar
+
+require_extra("protein", "protein", "biotite")
 
 __all__ = [
     "ALPHABET",

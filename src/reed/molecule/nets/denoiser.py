@@ -29,7 +29,8 @@ Padding never leaks (unlike the reference, spec §7.1): inputs at padded positio
 messages are masked on both sides (softmax over real neighbours only, no self-loops), node features and coordinate sets
 are multiplied by the mask after every update, so hidden states at padded positions are exactly 0 and padded entries of
 every output are 0. A molecule's outputs therefore do not depend on how much padding it has or on what the padded
-inputs contain. Use :func:`masked_sum_pool` / :func:`masked_mean_pool` to pool the taps.
+inputs contain. Use :func:`~reed.molecule.nets.common.masked_sum_pool` /
+:func:`~reed.molecule.nets.common.masked_mean_pool` to pool the taps.
 """
 
 from __future__ import annotations

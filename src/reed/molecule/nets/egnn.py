@@ -83,7 +83,7 @@ class EGNN(nn.Module):
         self, x: Tensor, sc_coords: Tensor | None, node_raw: Tensor, edge_raw: Tensor, t: Tensor, n_atoms: Tensor,
         maskf: Tensor, adj: Tensor, pairf: Tensor, taps: set[int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[int, Tensor]]:
-        """Same contract as :meth:`SemlaNet.forward`."""
+        """Same contract as :meth:`reed.molecule.nets.semla.SemlaNet.forward`."""
         if self.self_condition:
             sc_diff = sc_coords.unsqueeze(2) - sc_coords.unsqueeze(1)
             edge_raw = torch.cat([edge_raw, (sc_diff * sc_diff).sum(dim=-1, keepdim=True) * pairf.unsqueeze(-1)], -1)

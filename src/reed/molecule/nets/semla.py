@@ -290,7 +290,8 @@ class SemlaNet(nn.Module):
         self, x: Tensor, sc_coords: Tensor | None, node_raw: Tensor, edge_raw: Tensor, t: Tensor, n_atoms: Tensor,
         maskf: Tensor, adj: Tensor, pairf: Tensor, taps: set[int],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[int, Tensor]]:
-        """Prepared inputs (see :meth:`MoleculeDenoiser.forward`) -> coords, type, bond, charge logits, taps.
+        """Prepared inputs (see :meth:`reed.molecule.nets.denoiser.MoleculeDenoiser.forward`) -> coords, type, bond,
+        charge logits, taps.
 
         Shapes: ``x, sc_coords (B, N, 3)`` centred and masked; ``node_raw (B, N, F)``; ``edge_raw (B, N, N, E)``;
         ``t (B,)``; ``n_atoms (B,)``; ``maskf (B, N)``; ``adj, pairf (B, N, N)``.
