@@ -3,12 +3,12 @@
 A provider returns, for global example indices, (B,T,D) for ``kind: tokens`` or (B,D) for ``kind: pooled``:
 
 * in-memory tensors: ``fitted_encoder`` and ``caption_text`` targets are computed once over the (un-augmented)
-  data and cached as safetensors under ``<cache_dir>/targets/`` keyed by encoder and data fingerprints;
+  data and cached as target stores (:mod:`reed.store`) under ``<cache_dir>/targets/`` keyed by encoder and data
+  fingerprints;
   ``file`` targets are read from an array file;
 * ``store`` targets are memory-mapped rows of a store written by ``reed embed`` (:mod:`reed.store`);
 * ``encoder`` targets run a frozen image encoder on every batch (the reference's way; slow).
 
-:func:`target_rows` computes any source for a batch of indices; ``reed embed`` uses it to fill a store.
 """
 
 from __future__ import annotations
@@ -23,17 +23,25 @@ from safetensors.torch import load_file
 from reed.config import TargetConfig
 from reed.errors import DataError
 from reed.image.data import ImageDataset
-from reed.io import atomic_save_safetensors
+from reed.store import TargetStore, TargetStoreWriter
 
 
 def _cache_path(cache_dir: Path, tg: TargetConfig, key: str, data_fp: str) -> Path:
     h = hashlib.sha256(f"{tg.source}|{tg.kind}|{key}|{data_fp}".encode()).hexdigest()[:16]
-    return cache_dir / "targets" / f"{tg.name}-{h}.safetensors"
+    return cache_dir / "targets" / f"{tg.name}-{h}"
 
 
-def _atomic_save(tensor: torch.Tensor, path: Path, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(path, {"z": tensor.contiguous()}, metadata=meta)
+def _cached(path: Path, tg: TargetConfig, key: str, ds: ImageDataset, compute) -> torch.Tensor:
+    """The (N, ...) float32 targets in the target store at ``path``, computed by ``compute()`` and stored first when
+    the store is not there (one float32 shard; the encoder key and data fingerprint in its manifest)."""
+    if not (path / "manifest.json").is_file():
+        z = validate_target(tg, compute(), len(ds), str(path))
+        w = TargetStoreWriter(path, source=tg.source, count=len(z), shape=tuple(z.shape[1:]), dtype="float32",
+                              shard_size=max(len(z), 1), weights_fingerprint=key, dataset_fingerprint=ds.fingerprint,
+                              preprocessing={"target": tg.name, "kind": tg.kind})
+        w.write(lambda idx: z[torch.as_tensor(idx)], batch_size=max(len(z), 1), progress=False)
+        w.finalize()
+    return TargetStore(path, expect_count=len(ds), expect_dataset=ds.fingerprint).get(np.arange(len(ds)))
 
 
 @torch.no_grad()
@@ -239,13 +247,9 @@ def prepare_targets(targets: list[TargetConfig], ds: ImageDataset, cache_dir: st
         else:
             key = f"text:{tg.encoder}"
         path = _cache_path(cache, tg, key, ds.fingerprint)
-        if path.is_file():
-            z = load_array(path)
+        if tg.source == "fitted_encoder":
+            z = _cached(path, tg, key, ds, lambda: _fitted_encoder_targets(enc, tg, ds))  # noqa: B023 - called now
         else:
-            if tg.source == "fitted_encoder":
-                z = _fitted_encoder_targets(enc, tg, ds)
-            else:
-                z = _caption_targets(tg, ds, cache, progress)
-            _atomic_save(z, path, {"target": tg.name, "source": tg.source, "key": key, "data": ds.fingerprint})
+            z = _cached(path, tg, key, ds, lambda: _caption_targets(tg, ds, cache, progress))  # noqa: B023
         out[tg.name] = TensorTargets(validate_target(tg, z, len(ds), str(path)))
     return out
