@@ -43,9 +43,6 @@ class _Flags:
             return
         self.parser.add_argument(*names, **kw)
 
-    def set_defaults(self, **kw: Any) -> None:
-        self.parser.set_defaults(**kw)
-
 
 class Commands:
     """What a domain's ``add_commands`` receives.
@@ -165,15 +162,6 @@ def process_info() -> tuple[int, int, object]:
     # without CUDA, cpu=True lets torchrun / MPI launches run as several CPU processes (gloo)
     st = PartialState(cpu=not torch.cuda.is_available())
     return st.process_index, st.num_processes, st
-
-
-def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def build_parser() -> argparse.ArgumentParser:

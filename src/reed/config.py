@@ -309,7 +309,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``key.sub=value`` strings (values parsed as YAML) and re-validate the whole config.
 
-    A key of the old layout that names a field of the domain section (``model.depth=4``) is applied there
+    An old-layout key the domain lists in ``legacy_overrides`` (``model.depth=4``) is applied in its section
     (``image.model.depth=4``) with a deprecation notice."""
     from reed.domains import get_domain
 

@@ -139,8 +139,8 @@ def domain_names() -> list[str]:
 
 
 def get_domain(name: str) -> DomainSpec:
-    """The :class:`DomainSpec` of ``name``; ConfigError for an unknown name, MissingExtraError for a domain whose
-    optional dependencies are not installed."""
+    """The :class:`DomainSpec` of ``name``; ConfigError for an unknown name. (The built-in domains check their extras
+    where the dependency is used; a third-party domain package may raise MissingExtraError on import.)"""
     if name not in _REGISTRY:
         raise ConfigError(f"config key 'domain': unknown domain {name!r} (registered: {', '.join(_REGISTRY)})")
     spec = _REGISTRY[name]
@@ -151,7 +151,7 @@ def get_domain(name: str) -> DomainSpec:
 
 
 def loaded_domains() -> list[DomainSpec]:
-    """The registered domains whose dependencies are installed (the others raise on :func:`get_domain`)."""
+    """The registered domains that import (a package raising MissingExtraError on import is left out)."""
     out = []
     for name in _REGISTRY:
         try:

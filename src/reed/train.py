@@ -1,7 +1,7 @@
 """The trainer: HF Accelerate loop with AdamW, clipping, accumulation, mixed precision, EMA, checkpoints, logs.
 
-The loop is domain-agnostic: a task (:mod:`reed.domains`, chosen by ``cfg.domain``) supplies the data, the
-denoiser, the objective, the micro-batches and the in-training evaluation.
+The loop names no domain: the :class:`~reed.domains.Domain` of ``cfg.domain`` supplies the data, the denoiser,
+the objective, the micro-batches and the in-training evaluation.
 
 Run directory::
 
@@ -74,8 +74,9 @@ def config_differences(now: Config, saved: Config) -> list[str]:
     """Keys that must match on resume but differ; fields left ``None`` now (resolved at run time) are ignored."""
     may_change = tuple(f"{saved.domain}.{k}" for k in get_domain(saved.domain).resume_may_change)
     sections = (*RESUME_MUST_MATCH, saved.domain)
-    a = _flatten({s: to_dict(now).get(s) for s in sections})
-    b = _flatten({s: to_dict(saved).get(s) for s in sections})
+    now_d, saved_d = to_dict(now), to_dict(saved)
+    a = _flatten({s: now_d.get(s) for s in sections})
+    b = _flatten({s: saved_d.get(s) for s in sections})
     return [f"{k} ({b.get(k)!r} in checkpoint, {a.get(k)!r} now)" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not (a.get(k) is None and k in b)
             and not any(k == m or k.startswith(m + ".") for m in may_change)]

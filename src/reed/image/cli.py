@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reed.cli import Commands, has_cuda, print_report, process_info
+from reed.cli import Commands, print_report, process_info
 from reed.errors import ConfigError
-from reed.io import atomic_write_text
+from reed.io import atomic_write_text, pick_device
 
 
 def cmd_fit_encoder(args, cfg) -> int:
@@ -248,7 +248,7 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--vae", default=None, help="diffusers AutoencoderKL dir or hub id (latents)")
     sp.add_argument("--batch-size", type=int, default=32)
     sp.add_argument("--dtype", choices=["float16", "float32"], default="float32")
-    sp.add_argument("--device", default="cuda" if has_cuda() else "cpu")
+    sp.add_argument("--device", default=str(pick_device()))
 
     sp = commands.command("caption", "caption prepared images with a VLM (sharded, resumable)", cmd_caption)
     sp.add_argument("images", help="prepared images dir")
@@ -258,7 +258,7 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--max-new-tokens", type=int, default=200)
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--shard-size", type=int, default=1000)
-    sp.add_argument("--device", default="cuda" if has_cuda() else "cpu")
+    sp.add_argument("--device", default=str(pick_device()))
 
     sp = commands.command("embed-text", "embed captions (or image+caption through a VLM) into a target store",
                           cmd_embed_text)
@@ -271,7 +271,7 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--shard-size", type=int, default=10_000)
     sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    sp.add_argument("--device", default="cuda" if has_cuda() else "cpu")
+    sp.add_argument("--device", default=str(pick_device()))
 
     sp = commands.command("import", "import a released REPA/REED SiT checkpoint as a reed checkpoint", cmd_import)
     sp.add_argument("checkpoint", help="released .pt (bare state dict or {model, ema, args, ...}) or .safetensors")

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from reed.cli import Commands, has_cuda, print_report
+from reed.cli import Commands, print_report
 from reed.errors import ConfigError, DataError
 from reed.io import pick_device
 
@@ -209,7 +209,7 @@ def add_commands(commands: Commands) -> None:
                     help="ESM-2 pair target: symmetrised attention maps of all layers and heads, or none")
     sp.add_argument("--af3-dir", default=None, help="AlphaFold3 output dir (cluster_<id>/seed-0_embeddings/...)")
     sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: from list.csv)")
-    sp.add_argument("--device", default="cuda" if has_cuda() else "cpu")
+    sp.add_argument("--device", default=str(pick_device()))
     sp = commands.shared("sample")
     sp.add_argument("--structures", nargs="+", default=None,
                     help="protein runs: PDB/mmCIF files or directories to design sequences for (--num per chain)")

@@ -32,16 +32,17 @@ def _cache_path(cache_dir: Path, tg: TargetConfig, key: str, data_fp: str) -> Pa
 
 
 def _cached(path: Path, tg: TargetConfig, key: str, ds: ImageDataset, compute) -> torch.Tensor:
-    """The (N, ...) float32 targets in the target store at ``path``, computed by ``compute()`` and stored first when
-    the store is not there (one float32 shard; the encoder key and data fingerprint in its manifest)."""
-    if not (path / "manifest.json").is_file():
-        z = validate_target(tg, compute(), len(ds), str(path))
-        w = TargetStoreWriter(path, source=tg.source, count=len(z), shape=tuple(z.shape[1:]), dtype="float32",
-                              shard_size=max(len(z), 1), weights_fingerprint=key, dataset_fingerprint=ds.fingerprint,
-                              preprocessing={"target": tg.name, "kind": tg.kind})
-        w.write(lambda idx: z[torch.as_tensor(idx)], batch_size=max(len(z), 1), progress=False)
-        w.finalize()
-    return TargetStore(path, expect_count=len(ds), expect_dataset=ds.fingerprint).get(np.arange(len(ds)))
+    """The (N, ...) float32 targets in the target store at ``path``; when the store is not there they are computed by
+    ``compute()``, stored (one float32 shard; the encoder key and data fingerprint in its manifest) and returned."""
+    if (path / "manifest.json").is_file():
+        return TargetStore(path, expect_count=len(ds), expect_dataset=ds.fingerprint).get(np.arange(len(ds)))
+    z = validate_target(tg, compute(), len(ds), str(path))
+    w = TargetStoreWriter(path, source=tg.source, count=len(z), shape=tuple(z.shape[1:]), dtype="float32",
+                          shard_size=max(len(z), 1), weights_fingerprint=key, dataset_fingerprint=ds.fingerprint,
+                          preprocessing={"target": tg.name, "kind": tg.kind})
+    w.write(lambda idx: z[torch.as_tensor(idx)], batch_size=max(len(z), 1), progress=False)
+    w.finalize()
+    return z
 
 
 @torch.no_grad()
