@@ -20,7 +20,7 @@ venv: $(BIN)/.installed
 # REED training on the embedded default (sklearn digits), then samples from the trained EMA model.
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/reed fit-encoder configs/demo.yaml
-	HF_HUB_OFFLINE=1 $(BIN)/reed train configs/demo.yaml --out $(RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/reed train configs/demo.yaml --out $(RUN) --overwrite
 	HF_HUB_OFFLINE=1 $(BIN)/reed sample $(RUN) --num 1000 --out $(RUN)/samples.npz
 	HF_HUB_OFFLINE=1 $(BIN)/reed evaluate $(RUN)/samples.npz --run $(RUN) --out $(RUN)/eval.json
 	@echo "demo done: see $(RUN)/samples.png, $(RUN)/loss.png, $(RUN)/eval.json and $(RUN)/samples/"

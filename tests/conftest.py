@@ -29,3 +29,43 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def pdb_dir(shared_data: Path) -> Path:
     return shared_data / "pdb"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny networks: on a busy 2-core machine two threads are several times
+    slower. Use from a module's autouse fixture; the previous count is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``reed.cli.main(argv)`` -> (exit code, stdout, stderr)."""
+    from reed.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def refuses(capsys):
+    """``refuses(argv, *names)``: the ``reed`` command ``argv`` exits with code 2 and prints exactly one error line
+    (no traceback) that contains each of ``names`` (the bad argument, key or file). Returns that line.
+
+    The building block of the table-driven refusal modules (``tests/<domain>/test_<domain>_refusals.py``): one
+    case per class of bad input."""
+
+    def check(argv: list, *names: str) -> str:
+        rc, _, err = run_cli(argv, capsys)
+        lines = [ln for ln in err.splitlines() if ln.strip() and "warn" not in ln.lower()]
+        assert rc == 2, f"exit code {rc}, stderr: {err}"
+        assert len(lines) == 1 and "Traceback" not in err, f"not one line: {err}"
+        for n in names:
+            assert str(n) in lines[0], f"{n!r} not named in: {lines[0]}"
+        return lines[0]
+
+    return check

@@ -6,7 +6,12 @@ Layout of one checkpoint directory ``<run>/checkpoints/step_0000500/``::
     ema.safetensors        EMA of the denoiser (its own keys, no prefix)
     optimizer.safetensors  optimizer tensors (``state.<param index>.<name>``) and RNG states (``rng.*``)
     state.json             step, optimizer param groups and scalar state, scheduler, numpy/python RNG, metadata
+                           (``extra``: method, ``loss`` of the last step, ``finite``: all weights finite,
+                           ``data``: the training set's fingerprint)
     config.yaml            the resolved run config
+    checksums.json         sha256 of each file above, written last; verified when a file is loaded, so flipped
+                           bytes name the file instead of loading and producing NaN (checkpoints written before
+                           this file existed load unverified)
 
 The directory is first written under a unique temporary name (:func:`reed.io.temp_name`, files inside written with
 :mod:`reed.io`) and then renamed, so an interrupted save never leaves a half checkpoint; ``<run>/checkpoints/latest``
@@ -28,9 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from reed.errors import CheckpointError
-from reed.io import atomic_save_safetensors, atomic_write_text, temp_name
+from reed.io import atomic_save_safetensors, atomic_write_text, file_sha256, temp_name
 
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+CHECKSUMS = "checksums.json"
 
 
 def step_dirname(step: int) -> str:
@@ -113,6 +119,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler, "rng": rng_meta, "extra": extra or {}}
         atomic_write_text(tmp / "state.json", json.dumps(state))
         atomic_write_text(tmp / "config.yaml", config_yaml)
+        sums = {f: file_sha256(tmp / f) for f in (*WEIGHT_FILES, "state.json", "config.yaml")}
+        atomic_write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -126,8 +134,54 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
     atomic_write_text(ck_root / "latest", final.name + "\n")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def verify_file(path: Path) -> None:
+    """Check ``path`` (a file of a checkpoint directory) against the directory's ``checksums.json``; a mismatch
+    raises CheckpointError naming the file. Files of checkpoints without ``checksums.json`` pass unchecked."""
+    sums_path = path.parent / CHECKSUMS
+    if not sums_path.is_file():
+        return
+    try:
+        sums = json.loads(sums_path.read_text())
+        expected = sums.get(path.name) if isinstance(sums, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file is corrupt: {sums_path} ({e})") from None
+    if expected is not None and file_sha256(path) != expected:
+        raise CheckpointError(f"checkpoint file is corrupt: {path} (its sha256 differs from the one in "
+                              f"{CHECKSUMS}; the file was changed or damaged after it was saved)")
+
+
+def remove_stale_saves(run_dir: Path) -> list[Path]:
+    """Remove what interrupted saves left in ``run_dir/checkpoints`` (temporary checkpoint directories and
+    temporary files); returns what was removed. Call only while no other process saves into this run."""
+    from reed.io import stale_temps
+
+    removed = []
+    for root in (Path(run_dir) / "checkpoints", Path(run_dir)):
+        for p in stale_temps(root):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` written at a finite loss with finite weights (``state.json``'s
+    ``extra.finite``; checkpoints that do not record it count as good), or None."""
+    for ck in reversed(list_checkpoints(run_dir)):
+        try:
+            extra = read_state(ck).get("extra", {})
+        except CheckpointError:
+            continue
+        if extra.get("finite", True):
+            return ck
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -148,8 +202,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for root in (p / "checkpoints", p):
         latest = root / "latest"
         if latest.is_file():
-            cand = root / latest.read_text().strip()
-            if cand.is_dir():
+            name = latest.read_text(errors="replace").strip()
+            cand = root / name
+            # `latest` names a directory of this checkpoints folder, nothing else (no paths, no links out)
+            if name.startswith("step_") and "/" not in name and cand.is_dir() and not cand.is_symlink():
                 return cand
         found = list_checkpoints(root.parent) if root.name == "checkpoints" else []
         if found:
@@ -160,6 +216,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
+    verify_file(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -170,17 +227,29 @@ def read_config_text(ckpt: Path) -> str:
     p = Path(ckpt) / "config.yaml"
     if not p.is_file():
         raise CheckpointError(f"checkpoint file missing: {p}")
-    return p.read_text()
+    verify_file(p)
+    try:
+        return p.read_text()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"checkpoint file is corrupt: {p} ({e})") from None
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     p = Path(ckpt) / "state.json"
     if not p.is_file():
         raise CheckpointError(f"checkpoint file missing: {p}")
+    verify_file(p)
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        state = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file is corrupt: {p} ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise CheckpointError(f"checkpoint file is corrupt: {p} (expected an object with a non-negative integer "
+                              f"'step', got {type(state).__name__})")
+    for key, kind in (("optimizer", dict), ("rng", dict), ("extra", dict), ("scheduler", (dict, type(None)))):
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(f"checkpoint file is corrupt: {p} ('{key}' has the wrong type)")
+    return state
 
 
 def load_weights(ckpt: Path, which: str = "model") -> dict[str, torch.Tensor]:
@@ -191,7 +260,10 @@ def load_weights(ckpt: Path, which: str = "model") -> dict[str, torch.Tensor]:
 def load_optimizer_state(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(optimizer state_dict, rng tensors) from a checkpoint."""
     tensors = load_weights(ckpt, "optimizer")
-    opt = _optimizer_from_flat(tensors, state["optimizer"])
+    meta = state.get("optimizer")
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
+        raise CheckpointError(f"checkpoint file is corrupt: {Path(ckpt) / 'state.json'} (no optimizer param groups)")
+    opt = _optimizer_from_flat(tensors, meta)
     return opt, {k: v for k, v in tensors.items() if k.startswith("rng.")}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,32 @@ def cmd_train(args) -> int:
 
     cfg = load_args_config(args)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    res = train(cfg, out, resume=args.resume, stop_at=args.stop_at)
+    res = train(cfg, out, resume=args.resume, overwrite=args.overwrite, allow_data_change=args.allow_data_change,
+                stop_at=args.stop_at)
     print(f"trained to step {res.step}; run directory {res.run_dir} (checkpoint {res.last_checkpoint})")
     return 0
+
+
+# flags that must be >= 1 wherever a command has them (None: the command's default)
+POSITIVE_FLAGS = {"num": "--num", "steps": "--steps", "batch_size": "--batch-size"}
+
+
+def check_args(args) -> None:
+    """Checks shared by every command: positive counts, and an ``--out`` file of ``sample`` / ``evaluate`` that
+    is not a directory (its parent directory is created)."""
+    for attr, flag in POSITIVE_FLAGS.items():
+        val = getattr(args, attr, None)
+        if val is not None and val < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {val}")
+    out = getattr(args, "out", None)
+    if args.command in ("sample", "evaluate") and out:
+        p = Path(out)
+        if p.is_dir():
+            raise ConfigError(f"--out {p} is a directory; give a file name")
+        parent = next((q for q in p.parents if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ConfigError(f"--out {p}: {parent} is a file, not a directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
 
 
 def cmd_sample(args) -> int:
@@ -164,6 +188,12 @@ def process_info() -> tuple[int, int, object]:
     return st.process_index, st.num_processes, st
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line ``reed: warning: <message>`` (no source line) on the command line."""
+    text = " ".join(str(message).split())
+    return f"reed: warning: {text}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reed.domains import loaded_domains
 
@@ -181,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("train", "train a model")
     sp.add_argument("--out", help="run directory (default runs/<config name>)")
     sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    sp.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start anew")
+    sp.add_argument("--allow-data-change", action="store_true",
+                    help="with --resume: continue on training data that differ from the checkpoint's")
     sp.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
     sp.set_defaults(func=cmd_train)
 
@@ -214,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers' fork warning under DataLoader workers
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     import torch
 
@@ -221,8 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and args.resume and not args.out:
         args.out = str(Path("runs") / Path(args.config).stem)
     try:
+        check_args(args)
         return args.func(args)
     except ReedError as e:
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line, whatever the message
+        print(f"reed {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command reads or writes: permissions, disk full, a path that is a directory
         print(f"reed {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import types
 import typing
@@ -125,6 +126,11 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     lr_warmup: int = 0
+    #: learning rate at step 0 of the warm-up as a fraction of ``lr``: 0 ramps (s+1)/lr_warmup (reed's default);
+    #: > 0 is torch's LinearLR, ``warmup_from + (1 - warmup_from) * s / lr_warmup`` (the molecule reference: 0.01)
+    warmup_from: float = 0.0
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    amsgrad: bool = False
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -179,6 +185,14 @@ class Config:
 # building from dicts with type checks
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: ``line L, column C: <problem>``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -205,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if value is False and "no" in get_args(tp):
+            return "no"  # YAML 1.1 reads a bare `no` as false (train.mixed_precision: no)
         if value not in get_args(tp):
             raise ConfigError(f"config key '{key}': expected one of {list(get_args(tp))}, got {value!r}")
         return value
@@ -324,7 +340,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"config override '{item}': value is not valid YAML ({e})") from None
+            raise ConfigError(f"config override '{item}': value is not valid YAML ({yaml_problem(e)})") from None
         head = key.split(".", 1)[0]
         if head not in tree and head in legacy:
             log.warning("reed: deprecated override '%s': write '%s.%s' (the %s settings live in the '%s:' section)",
@@ -386,15 +402,33 @@ def validate(cfg: Config) -> Config:
     if other:
         raise ConfigError(f"config has a '{other[0]}' section but its domain is '{cfg.domain}'")
     t = cfg.train
-    for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
+    for key, val in (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
+                     ("train.log_every", t.log_every)):
         if val < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {val}")
+    for key, val in (("train.lr_warmup", t.lr_warmup), ("train.checkpoint_every", t.checkpoint_every),
+                     ("train.keep_checkpoints", t.keep_checkpoints), ("train.sample_every", t.sample_every),
+                     ("train.num_preview", t.num_preview), ("train.weight_decay", t.weight_decay),
+                     ("train.grad_clip", t.grad_clip)):
+        if not val >= 0:  # also NaN
+            raise ConfigError(f"config key '{key}' must be >= 0, got {val}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ConfigError(f"config key 'train.lr' must be a positive number, got {t.lr}")
+    if not 0.0 <= t.warmup_from <= 1.0:
+        raise ConfigError(f"config key 'train.warmup_from' must be in [0, 1], got {t.warmup_from}")
+    if t.log_with:
+        from accelerate.utils import LoggerType
+
+        known = sorted(x.value for x in LoggerType)
+        bad = [x for x in t.log_with if x not in known]
+        if bad:
+            raise ConfigError(f"config key 'train.log_with': unknown tracker {bad[0]!r} (known: {', '.join(known)})")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"config key 'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
-    if len(t.betas) != 2:
-        raise ConfigError(f"config key 'train.betas' needs two numbers, got {t.betas}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"config key 'train.betas' needs two numbers in [0, 1), got {t.betas}")
     if t.epochs < 0:
         raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
     names = [tg.name for tg in cfg.targets]
@@ -424,7 +458,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     cfg = config_from_tree(tree, source=str(path) if path is not None else None)
@@ -441,7 +475,7 @@ def config_from_yaml_text(text: str, source: str = "<checkpoint>") -> Config:
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config stored in {source} is not valid YAML: {e}") from None
+        raise ConfigError(f"config stored in {source} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config stored in {source} must hold a mapping at the top level")
     return config_from_tree(tree)

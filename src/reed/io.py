@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "read_npz",
+    "PICKLE_REFUSED",
     "TEMP_SUFFIX",
     "atomic_path",
     "atomic_save_npy",
@@ -49,6 +50,9 @@ __all__ = [
     "atomic_write_text",
     "commit",
     "eval_mode",
+    "file_sha256",
+    "fingerprint",
+    "is_pickle_refusal",
     "is_temp_name",
     "pick_device",
     "progress_bar",
@@ -223,7 +227,22 @@ def read_npz(path: str | os.PathLike, what: str, required: Iterable[str] = (),
     except DataError:
         raise
     except Exception as exc:
+        if is_pickle_refusal(exc):
+            raise DataError(f"{path}: {what} {PICKLE_REFUSED}") from None
         raise DataError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+#: The end of the message for a file that needs unpickling (a pickle, or an ``.npy`` / ``.npz`` member of dtype
+#: ``object``): reed never unpickles data files.
+PICKLE_REFUSED = ("holds pickled Python objects (a pickle, or an array of dtype=object), which reed never loads: "
+                  "save plain numeric arrays (strings as a fixed-width str array, np.array(list_of_str))")
+
+
+def is_pickle_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is numpy's refusal to unpickle (``np.load(..., allow_pickle=False)`` on a pickle file or an
+    object array; or memory-mapping an object array)."""
+    msg = str(exc)
+    return isinstance(exc, ValueError) and ("allow_pickle" in msg or "Python objects in dtype" in msg)
 
 
 def progress_bar(items: Iterable[T], enabled: bool, desc: str, total: int | None = None, **tqdm_kw: Any
@@ -258,3 +277,44 @@ def eval_mode(module: M) -> Iterator[M]:
         yield module
     finally:
         module.train(was_training)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short (16 hex) sha256 over ``parts``: arrays and tensors (dtype, shape and bytes), strings, bytes, numbers,
+    and (nested) lists/tuples of them. Identifies a data set in checkpoints and caches."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous().numpy()
+        if isinstance(x, np.ndarray):
+            x = np.ascontiguousarray(x)
+            h.update(f"{x.dtype.str}{x.shape}".encode())
+            h.update(x.tobytes())
+        elif isinstance(x, (list, tuple)):
+            h.update(f"[{len(x)}".encode())
+            for v in x:
+                feed(v)
+            h.update(b"]")
+        elif isinstance(x, bytes):
+            h.update(x)
+        else:
+            h.update(repr(x).encode())
+        h.update(b"|")
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()[:16]

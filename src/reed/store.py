@@ -10,12 +10,24 @@ Layout of a store directory::
 Shards are written atomically (temp name + rename) and a finished shard is never recomputed, so an interrupted
 ``reed embed`` resumes without duplicates or gaps; shard i belongs to process ``i % num_processes`` under
 ``accelerate launch``. The manifest is written last, once every shard exists. Opening a store validates the
-manifest, the count and dims against what the run expects, the fingerprints, and scans for NaN/inf.
+manifest, the count and dims against what the run expects, the fingerprints, and scans the values
+(:func:`check_target_values`).
+
+Target values
+-------------
+Alignment compares a projection with each target vector (the last dim of a row) by cosine, normalised in fp32
+(:func:`reed.align.negative_cosine`). :func:`check_target_values` is the one check of target values, for every
+domain: it refuses NaN/inf, vectors whose fp32 norm overflows (values ≳ 1.8e19 / sqrt(D), about 1e18 for D = 384:
+the cosine would silently be 0) and a target whose vectors all have zero (or < 1e-12) norm, and warns with their
+count when only some do (the cosine of a zero vector is undefined; it counts as 0, i.e. no guidance for that
+example / token). The writer also checks the values after the cast to the store's dtype (float16 overflows above
+65504).
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +46,57 @@ _FULL_SCAN_BYTES = 2 << 30  # stores up to 2 GiB are scanned fully for NaN on op
 
 def shard_file(i: int) -> str:
     return f"z_{i:05d}.npy"
+
+
+#: ``F.normalize``'s eps in :func:`reed.align.negative_cosine`: a target vector with a smaller fp32 norm is not
+#: scaled to unit length (a zero vector gives cosine 0, no alignment signal).
+COSINE_EPS = 1e-12
+_CHECK_CHUNK_BYTES = 64 << 20  # values are checked in chunks of rows of about this many fp32 bytes
+
+
+def target_vector_counts(z: np.ndarray | torch.Tensor, what: str) -> tuple[int, int]:
+    """(number of target vectors, number of them with fp32 norm < :data:`COSINE_EPS`) of values ``z`` (N, ..., D).
+
+    A vector is a slice along the last dim (per example for pooled targets, per token / atom / pair otherwise).
+    Raises :class:`DataError` naming ``what`` for an empty last dim, NaN/inf values, or a vector whose fp32 norm
+    overflows (the alignment cosine would silently be 0). Reads memory-mapped arrays in chunks of rows."""
+    if z.ndim == 0 or z.shape[-1] == 0:
+        raise DataError(f"{what} has shape {tuple(z.shape)}: target vectors need a non-empty last dimension")
+    row = int(np.prod(z.shape[1:])) * 4
+    step = max(1, _CHECK_CHUNK_BYTES // max(row, 1))
+    total = small = 0
+    for i in range(0, len(z), step):
+        c = z[i : i + step]
+        c = c.float() if torch.is_tensor(c) else torch.from_numpy(np.array(c, dtype=np.float32))  # a copy
+        if not torch.isfinite(c).all():
+            raise DataError(f"{what} contains NaN or inf")
+        norm = torch.linalg.vector_norm(c, dim=-1)  # in fp32, as the alignment loss computes it
+        if torch.isinf(norm).any():
+            raise DataError(f"{what} has values up to {c.abs().max().item():.3g}: the fp32 norm of a target vector "
+                            "overflows, so its alignment cosine would be 0; rescale the target (e.g. divide it by a "
+                            "constant)")
+        total += norm.numel()
+        small += int((norm < COSINE_EPS).sum())
+    return total, small
+
+
+def check_zero_vectors(total: int, small: int, what: str, *, refuse_all: bool = True) -> None:
+    """Refuse a target whose ``total`` vectors all have (near-)zero norm (only warn when not ``refuse_all``, e.g. for
+    a sample of a store's rows); warn when ``small`` of them do."""
+    if total and small == total and refuse_all:
+        raise DataError(f"{what}: all {total} target vectors have zero (< {COSINE_EPS:g}) norm, so the alignment "
+                        "cosine is undefined; check how the target was computed (or rescale it)")
+    if small:
+        warnings.warn(f"{what}: {small} of {total} target vectors have zero (< {COSINE_EPS:g}) norm; their alignment "
+                      "cosine is undefined and counts as 0 (no guidance from them)", stacklevel=3)
+
+
+def check_target_values(z: np.ndarray | torch.Tensor, what: str) -> int:
+    """Check target values ``z`` (N, ..., D) for cosine alignment (:func:`target_vector_counts`,
+    :func:`check_zero_vectors`); ``what`` names the target in the messages. Returns the number of zero vectors."""
+    total, small = target_vector_counts(z, what)
+    check_zero_vectors(total, small, what)
+    return small
 
 
 class TargetStoreWriter:
@@ -94,7 +157,16 @@ class TargetStoreWriter:
                 if not np.isfinite(z).all():
                     raise DataError(f"target source '{self.meta['source']}' produced NaN/inf for examples "
                                     f"{rows[j]}..{rows[j] + len(z) - 1}; nothing was written for shard {i}")
-                chunks.append(z.astype(np_dtype))
+                with np.errstate(over="ignore"):  # overflow is refused just below, with the numbers
+                    stored = z.astype(np_dtype)
+                if not np.isfinite(stored).all():
+                    raise DataError(f"target source '{self.meta['source']}' produced values up to "
+                                    f"{np.abs(z).max():.3g} for examples {rows[j]}..{rows[j] + len(z) - 1}, beyond "
+                                    f"the {self.meta['dtype']} range ({np.finfo(np_dtype).max:.5g}); write the store "
+                                    "as float32 (reed embed --dtype float32) or rescale the target")
+                target_vector_counts(stored, f"target source '{self.meta['source']}' (examples {rows[j]}.."
+                                     f"{rows[j] + len(z) - 1})")
+                chunks.append(stored)
                 bar.update(len(z))
             atomic_save_npy(self.dir / shard_file(i), np.concatenate(chunks))
         bar.close()
@@ -165,11 +237,15 @@ class TargetStore:
             self._scan()
 
     def _scan(self) -> None:
+        """:func:`check_target_values` over every row (stores up to 2 GiB) or the 64 first and last rows per shard."""
         full = sum(a.nbytes for a in self.shards) <= _FULL_SCAN_BYTES
+        total = small = 0
         for i, a in enumerate(self.shards):
             part = a if full else np.concatenate([a[:64], a[-64:]])
-            if not np.isfinite(part).all():
-                raise DataError(f"target store {self.dir}: shard {shard_file(i)} contains NaN or inf")
+            t, s = target_vector_counts(part, f"target store {self.dir}: shard {shard_file(i)}")
+            total, small = total + t, small + s
+        where = f"target store {self.dir}" + ("" if full else " (first and last 64 rows of each shard)")
+        check_zero_vectors(total, small, where, refuse_all=full)
 
     @property
     def dim(self) -> int:

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,11 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from reed.checkpoint import (
+    last_good_checkpoint,
+    list_checkpoints,
     load_into,
     load_optimizer_state,
     load_weights,
     read_config_text,
     read_state,
+    remove_stale_saves,
     resolve_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -44,12 +49,14 @@ from reed.checkpoint import (
 from reed.config import Config, config_from_yaml_text, dump_config, to_dict
 from reed.domains import get_domain, get_task
 from reed.ema import EMA
-from reed.errors import ConfigError, NonFiniteLossError
+from reed.errors import CheckpointError, ConfigError, NonFiniteLossError
 from reed.io import atomic_write_text
 from reed.objective import ReedModule
 from reed.plots import plot_loss_curve
 
-__all__ = ["train", "TrainResult", "config_differences", "resume_config"]
+__all__ = ["train", "TrainResult", "config_differences", "resume_config", "read_jsonl", "existing_run"]
+
+log = logging.getLogger("reed")
 
 # shared config sections that must match the checkpoint when resuming (train.* may change, e.g. more steps),
 # besides the domain's own section (less what the domain lets change, e.g. image.sample)
@@ -103,10 +110,103 @@ def _step_generator(seed: int, step: int, rank: int, device: torch.device) -> to
     return g
 
 
-def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None,
+RUN_FILES = ("config.yaml", "metrics.jsonl", "eval.jsonl", "loss.png")
+RUN_DIRS = ("checkpoints", "samples")
+
+
+def existing_run(run_dir: Path) -> list[str]:
+    """What of a previous run ``run_dir`` holds (its config, logs, checkpoints), as names; empty if none."""
+    found = [f for f in RUN_FILES if (run_dir / f).is_file()]
+    ck = run_dir / "checkpoints"
+    if ck.is_dir() and any(ck.iterdir()):
+        found.append(f"{len(list_checkpoints(run_dir))} checkpoint(s)")
+    return found
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove the outputs of a previous run from ``run_dir`` (``--overwrite``); other files are left alone."""
+    for f in RUN_FILES:
+        (run_dir / f).unlink(missing_ok=True)
+    for d in RUN_DIRS:
+        shutil.rmtree(run_dir / d, ignore_errors=True)
+
+
+def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, and one that holds a run unless resuming or overwriting."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a directory; pass another --out")
+    if resume or not run_dir.is_dir():
+        return
+    found = existing_run(run_dir)
+    if found and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          f"--overwrite to replace it, or another --out")
+
+
+def read_jsonl(path: Path, *, keep_until: int | None = None) -> list[dict]:
+    """The records of a ``metrics.jsonl`` / ``eval.jsonl``; a line that is not a JSON object with an integer
+    ``step`` (a crash mid-write leaves a partial last line) is dropped with a warning naming the file and line.
+    With ``keep_until``, only records with ``step <= keep_until``."""
+    out, bad = [], []
+    for i, ln in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            bad.append(i)
+            continue
+        if keep_until is None or rec["step"] <= keep_until:
+            out.append(rec)
+    if bad:
+        log.warning("reed: %s: dropped %d unreadable line(s) (line %s; an interrupted write)", path, len(bad),
+                    ", ".join(map(str, bad[:5])))
+    return out
+
+
+def _lr_factor(tc) -> Callable[[int], float]:
+    """The warm-up factor of the learning rate at scheduler step ``s`` (see ``TrainConfig.warmup_from``)."""
+    warm, start = tc.lr_warmup, tc.warmup_from
+    if warm <= 0:
+        return lambda s: 1.0
+    if start > 0:  # torch.optim.lr_scheduler.LinearLR(start_factor=start, total_iters=warm)
+        return lambda s: start + (1.0 - start) * min(s, warm) / warm
+    return lambda s: min(1.0, (s + 1) / warm)
+
+
+def build_optimizer(params, tc) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2 in the gradient) per ``train.optimizer``, with ``amsgrad``."""
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+
+
+def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc) -> None:
+    """After loading a checkpoint's optimizer and scheduler: the config's ``train.lr``, ``betas``,
+    ``weight_decay`` and ``amsgrad`` take effect (a lower lr after a divergence is really lower)."""
+    sched.base_lrs = [tc.lr for _ in opt.param_groups]
+    factor = _lr_factor(tc)(sched.last_epoch)
+    for g in opt.param_groups:
+        g.update(lr=tc.lr * factor, initial_lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                 amsgrad=tc.amsgrad)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          allow_data_change: bool = False, stop_at: int | None = None,
           checkpoint_steps: Sequence[int] = ()) -> TrainResult:
     """Train ``cfg`` into ``out_dir``. ``resume`` continues from the newest checkpoint there.
 
+    A directory that already holds a run is refused unless ``resume`` or ``overwrite`` (which deletes that run's
+    config, logs, samples and checkpoints first); ``resume`` where no checkpoint was written yet starts at step 0.
+    On resume, ``train.*`` may change and takes effect (lr, betas, weight decay, more steps); ``train.steps``
+    below the checkpoint's step, other changed sections, and a different training set (fingerprint) are errors,
+    the last unless ``allow_data_change``.
     ``stop_at`` ends the loop after that many steps as if interrupted (checkpoints already written are kept).
     ``checkpoint_steps`` adds checkpoints at those steps (e.g. log-spaced evaluation points of a benchmark).
     """
@@ -119,6 +219,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     AcceleratorState._reset_state(reset_partial_state=False)
 
     run_dir = Path(out_dir)
+    check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tc = cfg.train
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
     unused = get_domain(cfg.domain).find_unused_parameters  # parameters that may get no gradient in a step
@@ -127,39 +228,70 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
     device = accelerator.device
     set_seed(cfg.seed + accelerator.process_index)
+    if accelerator.is_main_process:
+        if overwrite and not resume and existing_run(run_dir):
+            log.warning("reed: --overwrite: removing the previous run in %s", run_dir)
+            _clear_run(run_dir)
+        removed = remove_stale_saves(run_dir)
+        if removed:
+            log.warning("reed: removed %d leftover(s) of interrupted saves in %s", len(removed), run_dir)
+    accelerator.wait_for_everyone()
 
-    start_step, ckpt = 0, None
+    start_step, ckpt, state = 0, None, {}
+    if resume and not list_checkpoints(run_dir):
+        # a preemptible job that always passes --resume: its first start (or one killed before its first
+        # checkpoint, which has nothing to lose) begins at step 0
+        log.warning("reed: --resume: no checkpoint in %s yet; starting from step 0", run_dir)
+        resume = False
     if resume:
         ckpt = resolve_checkpoint(run_dir)
-        saved = config_from_yaml_text(read_config_text(ckpt), str(ckpt))
+        saved = config_from_yaml_text(read_config_text(ckpt), str(ckpt / "config.yaml"))
         diffs = config_differences(cfg, saved)
         if diffs:
             raise ConfigError(f"config does not match the checkpoint {ckpt}: " + "; ".join(diffs[:8]))
+        state = read_state(ckpt)
+        start_step = state["step"]
         cfg = resume_config(cfg, saved)
     task = get_task(cfg)
     cfg = task.setup(device=device, main_process_first=accelerator.main_process_first,
                      progress=tc.progress and accelerator.is_main_process, world=accelerator.num_processes)
-    tc = cfg.train
+    tc = cfg.train  # steps resolved (e.g. from train.epochs)
+    if ckpt is not None and tc.steps < start_step:
+        raise ConfigError(f"train.steps={tc.steps} is below the step of the checkpoint {ckpt} ({start_step}); "
+                          f"resume with train.steps >= {start_step}")
+    if ckpt is not None and start_step == tc.steps:
+        log.warning("reed: %s is already trained to train.steps=%d; nothing to do (raise train.steps to continue)",
+                    run_dir, tc.steps)
+        return TrainResult(run_dir, start_step, ckpt)
+
+    data_id = task.fingerprint() if hasattr(task, "fingerprint") else None
+    saved_id = state.get("extra", {}).get("data")
+    if ckpt is not None and data_id and saved_id and data_id != saved_id and not allow_data_change:
+        raise ConfigError(f"the training data differ from the data the checkpoint {ckpt} was trained on "
+                          f"(fingerprint {data_id}, checkpoint {saved_id}); pass --allow-data-change to resume on "
+                          f"them anyway")
 
     torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
     denoiser = task.build_denoiser()
     objective = task.build_objective()
     module = ReedModule(denoiser, objective.terms, denoiser.hidden_size).to(device)
     ema = EMA(module.denoiser, tc.ema_decay)
-    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    warm = tc.lr_warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    opt = build_optimizer(module.parameters(), tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(tc))
 
     if ckpt is not None:
-        state = read_state(ckpt)
         load_into(module, load_weights(ckpt, "model"), str(ckpt / "model.safetensors"))
         load_into(ema.model, load_weights(ckpt, "ema"), str(ckpt / "ema.safetensors"))
         opt_state, rng = load_optimizer_state(ckpt, state)
-        opt.load_state_dict(opt_state)
-        if state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
+        try:
+            opt.load_state_dict(opt_state)
+            if state.get("scheduler"):
+                sched.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {ckpt} does not fit this model and train.optimizer "
+                                  f"({e})") from None
+        apply_new_hyperparameters(opt, sched, tc)
         restore_rng(rng, state.get("rng", {}))
-        start_step = int(state["step"])
 
     cfg_text = dump_config(cfg)
     metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
@@ -169,8 +301,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         # metrics.jsonl: step k = the loss of optimizer step k; eval.jsonl: step n = after n steps
         for path, last in ((metrics_path, start_step - 1), (eval_path, start_step)):
             if resume and path.is_file():  # drop records written after the checkpoint we resume from
-                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last]
-                atomic_write_text(path, "".join(k + "\n" for k in keep))
+                keep = read_jsonl(path, keep_until=last)
+                atomic_write_text(path, "".join(json.dumps(k) + "\n" for k in keep))
             elif not resume:
                 path.write_text("")
     if tc.log_with:
@@ -179,6 +311,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
     module, opt = accelerator.prepare(module, opt)
     world, rank = accelerator.num_processes, accelerator.process_index
     last_ckpt = ckpt
+    saved_loss = state.get("extra", {}).get("loss")  # None: not recorded (older checkpoints) or not finite
+    last_loss = float(saved_loss) if isinstance(saved_loss, (int, float)) else math.nan
     extra_ckpts = set(checkpoint_steps)
     end = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and accelerator.is_main_process),
@@ -190,9 +324,14 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
         path = None
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(module)
+            # a checkpoint resumed from without a recorded loss counts as finite when its weights are
+            finite = (math.isfinite(last_loss) or step == start_step) and _all_finite(unwrapped) \
+                and _all_finite(ema.model)
+            extra = {"method": cfg.objective.method, "loss": last_loss if math.isfinite(last_loss) else None,
+                     "finite": finite, "data": data_id}
             path = save_checkpoint(run_dir, step, model=unwrapped.state_dict(), ema=ema.state_dict(),
                                    optimizer=opt.state_dict(), scheduler=sched.state_dict(), config_yaml=cfg_text,
-                                   extra={"method": cfg.objective.method}, keep=tc.keep_checkpoints)
+                                   extra=extra, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -213,7 +352,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
             with ctx, accelerator.autocast():
                 loss, parts = task.loss(objective, module, batch, step, g)
             if not torch.isfinite(loss):
-                where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                good = last_good_checkpoint(run_dir)
+                where = f"last good checkpoint: {good}" if good else "no good checkpoint was written yet"
                 detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
                 raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} ({detail}); "
                                          f"training stopped. {where}")
@@ -222,6 +362,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
                 logs[key] = logs.get(key, 0.0) + float(val) / tc.grad_accum
         clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), clip))
+        last_loss = logs["loss"]
+        lr = opt.param_groups[0]["lr"]  # the learning rate of this step (before the scheduler advances)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -234,7 +376,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, stop_at: in
                 logs = dict(zip(logs, vals.tolist()))
             now = time.perf_counter()
             rec = {"step": step, **{k: round(v, 6) for k, v in logs.items()}, "grad_norm": round(grad_norm, 6),
-                   "lr": sched.get_last_lr()[0], "time": round(now - t_last, 4)}
+                   "lr": lr, "time": round(now - t_last, 4)}
             t_last = now
             bar.set_postfix(loss=f"{logs['loss']:.4f}", gen=f"{logs['loss_gen']:.4f}", w_gen=f"{logs['w_gen']:.2f}")
             if accelerator.is_main_process:

@@ -81,6 +81,6 @@ def test_scientific_notation_override_without_dot():
     from reed.errors import ConfigError
 
     assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
-    assert load_config(None, ["train.lr=-2E+2"]).train.lr == -200.0
+    assert load_config(None, ["train.weight_decay=2E+2"]).train.weight_decay == 200.0
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=1e-3x"])

@@ -46,6 +46,8 @@ def test_headline_reed_recipe_matches_the_paper():
     assert repa.objective.method == "repa" and [x.name for x in repa.targets] == ["dinov2"]
     assert (repa.image.sample.cfg_scale, repa.image.sample.guidance_high) == (1.8, 0.7)
     assert load_config(CONFIGS / "imagenet256_sit_xl2.yaml").objective.method == "sit"
+    # the papers' numbers are sampled as the reference generate.py does (random labels, ft-ema, truncation)
+    assert {load_config(p).image.sample.protocol for p in CONFIGS.glob("imagenet256_*.yaml")} == {"paper"}
 
 
 def test_protein_recipe_matches_the_paper():

@@ -44,6 +44,28 @@ def test_cfg_and_guidance_interval():
     assert out.item() == pytest.approx(-(0.25 * 1 + 0.25 * 1 + 0.25 * 3 + 0.25 * 3))
 
 
+@pytest.mark.parametrize("interval,expected,batches", [
+    # times 1 -> 0.5 -> 0; cond v = 1, uncond v = 0, w = 3 (guided v = 3); Heun corrects step 1 only.
+    # (0, 0.5): step 1 starts at t=1, outside -> predictor and corrector unguided although t_next=0.5 is inside:
+    #   x1 = 0 - 0.5 * (1 + 1)/2 = -0.5; step 2 at t=0.5 guided: x2 = -0.5 - 0.5 * 3 = -2.0 (t_next rule: -2.5)
+    ((0.0, 0.5), -2.0, [1, 1, 2]),
+    # (0.6, 1): step 1 guided in both evaluations although t_next=0.5 is outside:
+    #   x1 = -0.5 * (3 + 3)/2 = -1.5; step 2 unguided: x2 = -1.5 - 0.5 = -2.0 (t_next rule: -1.5)
+    ((0.6, 1.0), -2.0, [2, 2, 1]),
+])
+def test_heun_corrector_guidance_decided_at_t_cur(interval, expected, batches):
+    seen = []
+
+    def model(x, t, y):
+        seen.append(x.shape[0])
+        return (y != 7).float().view(-1, 1) * torch.ones_like(x)
+
+    x, y = torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)
+    out = ode_sample(model, x, y, steps=2, heun=True, null_class=7, cfg_scale=3.0, guidance=interval)
+    assert out.item() == pytest.approx(expected)
+    assert seen == batches  # batch doubled exactly when guided: [predictor 1, corrector 1, step 2]
+
+
 def test_sde_two_steps_hand_computed():
     fp = FlowProcess("linear")
     v = 0.3

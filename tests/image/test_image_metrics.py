@@ -28,12 +28,8 @@ from reed.image.metrics.inception import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The Inception forwards here are tiny; on a busy shared CPU one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny networks on a shared CPU: one intra-op thread (see conftest)."""
 
 
 def _random_inception_state(num_classes: int = 1008, seed: int = 0) -> dict[str, torch.Tensor]:

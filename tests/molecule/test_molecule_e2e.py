@@ -47,7 +47,9 @@ def test_train_loss_falls_and_resume_reproduces(setup):
     assert recs[-1]["align/mol"] < recs[0]["align/mol"]
     assert {"gen/coords", "gen/types", "gen/bonds", "gen/charges"} <= set(recs[0])
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["molecule"]["elements"] == ["H", "C", "N", "O", "F"][: len(saved["molecule"]["elements"])]
+    # the recipe's type vocabulary is the reference's 18 tokens (PAD, MASK, the 16 elements)
+    assert saved["molecule"]["elements"][:7] == ["<PAD>", "<MASK>", "H", "C", "N", "O", "F"]
+    assert len(saved["molecule"]["elements"]) == 18
 
     run2 = root / "run2"
     main(["train", str(cfg), f"train.checkpoint_every={spe * 2}", "--out", str(run2), "--stop-at", str(spe * 2)])
@@ -73,6 +75,7 @@ def test_sample_sdf_grid_and_evaluate(setup):
     assert main(["evaluate", str(out), "--run", str(run), "--out", str(res_path)]) == 0
     res = json.loads(res_path.read_text())
     assert res["n_molecules"] == 6
+    assert res["aromatic_rule"] == "reference"  # the run's molecule.aromatic_rule (the recipe's)
     for k in ("atom_stability", "molecule_stability", "validity"):
         assert 0.0 <= res[k] <= 1.0
     assert main(["sample", str(run), "--num", "2", "--out", str(root / "mols.png")]) == 2  # not .sdf: clear error

@@ -74,7 +74,7 @@ def test_atom_stability_hand_built():
     assert not atom_stability(ammonium.atoms, ammonium.bonds, np.zeros(5))[0]
     benzene = aromatic_benzene()  # carbon: int(1.5 + 1.5 + 1) = 4
     assert atom_stability(benzene.atoms, benzene.bonds, benzene.charges).all()
-    # element symbols work too, and flooring hides aromatic errors: an aromatic N with an H gets int(4.0) = 4
+    # element symbols work too; by the default (1.5) aromatic rule an aromatic N with an H gets int(4.0) = 4
     pyrrole_n = np.array([[0, 4, 4, 1], [4, 0, 0, 0], [4, 0, 0, 0], [1, 0, 0, 0]])
     assert not atom_stability(np.array(["N", "C", "C", "H"]), pyrrole_n, np.zeros(4))[0]
     # only the lower triangle is read
@@ -146,8 +146,9 @@ def test_qm9_data_rows(shared_data):
     )
     assert r["atom_stability"] >= 0.98 and r["molecule_stability"] >= 0.9 and r["validity"] >= 0.95
     assert r["connected_validity"] >= 0.95 and r["uniqueness"] >= 0.99
-    # The aromatic form (as RDKit perceives it) is what the reference stores; flooring 1.5 orders then marks pyrrole-
-    # type N and exocyclic-double-bond carbons unstable, which lowers the data's own molecule stability.
+    # The aromatic form (as RDKit perceives it) is what the reference stores; reed's default 1.5 aromatic rule then
+    # marks pyrrole-type N and furan-type O unstable, which lowers the data's own molecule stability (the
+    # reference's code counts aromatic bonds as 1 and keeps it at ~100%: test_molecule_fidelity.py).
     aromatic = MoleculeDataset.from_edm_npz(path, limit=500, kekulize=False)
     ra = molecule_metrics(aromatic.molecules)
     print(

@@ -28,12 +28,8 @@ TINY = dict(hidden=32, layers=2, d_edge=16, batch_atoms=512, lr=3e-3)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny models: one intra-op thread is fastest, and two threads on a busy machine can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny networks on a shared CPU: one intra-op thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,14 @@ from reed.protein.data import (
     X_ID,
     ProteinDataset,
     ProteinExample,
+    backbone_problem,
     collate,
     decode_sequence,
     encode_sequence,
     his_tag_bounds,
     merge_chains,
     parse_structure,
+    read_cluster_list,
     token_batches,
     trim_his_tag,
 )
@@ -414,3 +416,124 @@ def test_pdb_2021aug02_layout(parsed, tmp_path):
         ProteinDataset.from_pdb_2021aug02(root, "dev")
     with pytest.raises(DataError, match="list.csv"):
         ProteinDataset.from_pdb_2021aug02(tmp_path)
+
+
+def _drop_atoms(src: Path, dst: Path, atom: str, chain: str | None = None) -> None:
+    keep = [ln for ln in src.read_text().splitlines()
+            if not (ln.startswith(("ATOM  ", "HETATM")) and ln[12:16].strip() == atom
+                    and (chain is None or ln[21] == chain))]
+    dst.write_text("\n".join(keep) + "\n")
+
+
+def test_chains_without_backbone_are_skipped_with_one_warning(pdb_dir, tmp_path):
+    """Issue 11 item 7: a chain with no CA atoms (or no residue with all four backbone atoms) would be trained on
+    and designed as all X; it is skipped, and every skip is named in one warning."""
+    d = tmp_path / "structs"
+    d.mkdir()
+    (d / "5L33.pdb").symlink_to(pdb_dir / "5L33.pdb")
+    _drop_atoms(pdb_dir / "5L33.pdb", d / "noca.pdb", "CA")
+    _drop_atoms(pdb_dir / "4GYT.pdb", d / "4GYT_noB.pdb", "CA", chain="B")
+    _drop_atoms(pdb_dir / "6MRR.pdb", d / "no_o.pdb", "O")
+    (ex,) = parse_structure(d / "noca.pdb")
+    assert ex.length == 106 and ex.residue_mask.sum() == 0 and backbone_problem(ex).startswith("no CA atoms")
+    assert backbone_problem(parse_structure(d / "no_o.pdb")[0]) == "no residue with a complete N/CA/C/O backbone"
+    assert backbone_problem(parse_structure(pdb_dir / "5L33.pdb")[0]) is None
+
+    with pytest.warns(UserWarning) as record:
+        ds = ProteinDataset.from_directory(d)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert "skipped 3 of 5" in msg and "noca.pdb: chain A: no CA atoms" in msg
+    assert "4GYT_noB.pdb: chain B: no CA atoms" in msg and "no_o.pdb: chain A: no residue with a complete" in msg
+    assert ds.names == ["4GYT_noB_A", "5L33_A"] and ds.lengths == [177, 106]
+    assert sorted(Path(p).name for p, _ in ds.skipped) == ["4GYT_noB.pdb", "no_o.pdb", "noca.pdb"]
+    assert all(collate([e]).mask.sum() == e.length for e in ds)
+
+    with pytest.warns(UserWarning, match="chain B"):
+        cplx = ProteinDataset.from_directory(d, mode="complex")
+    assert cplx.names == ["4GYT_noB", "5L33"] and cplx[0].chain_ids == ["A"] and cplx.lengths == [177, 106]
+
+    (d / "5L33.pdb").unlink()
+    (d / "4GYT_noB.pdb").unlink()
+    with pytest.raises(DataError, match=r"no usable .*noca\.pdb: chain A: no CA atoms.*"):
+        ProteinDataset.from_directory(d)
+
+
+def _mpnn_root(root: Path, parsed) -> Path:
+    """A tiny pdb_2021aug02 root over the shared PDB chains: ProteinMPNN's list.csv, REED's list_filtered.csv (a
+    subset), the split files and REED's cluster_seq_dict_removeX.pkl (clusters with AF3 embeddings)."""
+    import pickle
+
+    root.mkdir()
+    l33, mrr, gyt = parsed["5L33"][0], parsed["6MRR"][0], parsed["4GYT"][1]
+    filtered = [  # CHAINID, CLUSTER, SEQUENCE; valid clusters 3, 5; test cluster 4
+        ("1abc_A", "1", l33.sequence),  # train, in the pkl: first member
+        ("1abc_B", "1", mrr.sequence),
+        ("2xyz_A", "2", gyt.sequence),  # train, no AF3 embedding -> dropped by the intersection
+        ("3val_A", "3", gyt.sequence),  # valid, in the pkl
+        ("5val_A", "5", mrr.sequence),  # valid, not in the pkl
+        ("4tst_A", "4", mrr.sequence),  # test (listed as "04" in test_clusters.txt: ids compare as integers)
+        ("6nan_A", "6", l33.sequence),  # train, in the pkl, but its chain file has no coordinates
+    ]
+    full = [*filtered, ("7all_A", "7", l33.sequence)]  # only in ProteinMPNN's list.csv
+    for name, rows in (("list.csv", full), ("list_filtered.csv", filtered)):
+        with open(root / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["CHAINID", "DEPOSITION", "RESOLUTION", "HASH", "CLUSTER", "SEQUENCE"])
+            w.writerows([cid, "2015-01-01", 2.0, "h", cl, seq] for cid, cl, seq in rows)
+    (root / "valid_clusters.txt").write_text("3\n5\n")
+    (root / "test_clusters.txt").write_text("04\n")
+    seqs = {1: l33.sequence, 3: gyt.sequence, 4: mrr.sequence, 6: l33.sequence, 7: l33.sequence}
+    (root / "cluster_seq_dict_removeX.pkl").write_bytes(pickle.dumps(seqs))
+    (root / "af3_clusters.txt").write_text("".join(f"{k}\n" for k in seqs))
+    for cid, ex in (("1abc_A", l33), ("1abc_B", mrr), ("2xyz_A", gyt), ("3val_A", gyt), ("5val_A", mrr),
+                    ("4tst_A", mrr), ("7all_A", l33)):
+        _write_chain_pt(root, cid, ex)
+    nan = ProteinExample("6nan_A", l33.sequence, np.full((l33.length, 4, 3), np.nan), np.zeros(l33.length), ["A"])
+    _write_chain_pt(root, "6nan_A", nan)
+    return root
+
+
+def test_reed_chain_list_and_cluster_intersection(parsed, tmp_path):
+    """Issue 11 item 15: protein.data.chain_list (REED's list_filtered.csv) and protein.data.cluster_list (the keys
+    of cluster_seq_dict_removeX.pkl) select the reference's training set: rows of the chosen index, split by the
+    valid/test cluster files, then only clusters in the list, one first member each (spec protein.md section 5)."""
+    from reed.config import load_config
+    from reed.protein.cli import read_chain_clusters
+    from reed.protein.task import load_splits
+
+    root = _mpnn_root(tmp_path / "pdb_2021aug02", parsed)
+    base = [f"protein.data.path={root}", "protein.data.format=pdb_2021aug02"]
+
+    def names(*overrides):
+        cfg = load_config("configs/protein_baseline.yaml", [*base, *overrides])
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            splits = load_splits(cfg)
+        return {k: v.names for k, v in splits.items()}, [str(w.message) for w in record], cfg
+
+    # the recipe: list_filtered.csv intersected with the AF3 clusters
+    got, warned, cfg = names()
+    assert got == {"train": ["1abc_A"], "valid": ["3val_A"], "test": ["4tst_A"]}
+    assert len(warned) == 1 and "6nan_A: no CA atoms" in warned[0]  # the one train cluster dropped, by name
+    assert read_chain_clusters(cfg.protein.data.index_file())["3val_A"] == "3"  # embed-protein's AF3 job names
+    # the same ids as a text file
+    assert names("protein.data.cluster_list=af3_clusters.txt")[0] == got
+    # no intersection: list_filtered.csv's clusters of each split
+    got, _, _ = names("protein.data.cluster_list=null")
+    assert got == {"train": ["1abc_A", "2xyz_A"], "valid": ["3val_A", "5val_A"], "test": ["4tst_A"]}
+    # ProteinMPNN's list.csv (the default index) has a cluster list_filtered.csv lacks
+    got, _, _ = names("protein.data.chain_list=null", "protein.data.cluster_list=null")
+    assert got["train"] == ["1abc_A", "2xyz_A", "7all_A"]
+    # an absolute path is used as is
+    assert names(f"protein.data.chain_list={root / 'list.csv'}")[0]["train"] == ["1abc_A", "7all_A"]
+    assert read_cluster_list(root / "cluster_seq_dict_removeX.pkl") == {"1", "3", "4", "6", "7"}
+
+
+def test_reed_recipes_use_the_reference_chain_list():
+    from reed.config import load_config
+
+    for name in ("protein_reed.yaml", "protein_baseline.yaml"):
+        d = load_config(Path("configs") / name).protein.data
+        assert (d.format, d.chain_list, d.cluster_list) == (
+            "pdb_2021aug02", "list_filtered.csv", "cluster_seq_dict_removeX.pkl"), name

@@ -19,11 +19,8 @@ from reed.protein import metrics as pm
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny networks on a shared CPU: one intra-op thread (see conftest)."""
 
 
 def _read_ca(path, chain: str) -> np.ndarray:

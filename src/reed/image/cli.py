@@ -56,16 +56,38 @@ def cmd_prepare_targets(args, cfg) -> int:
     return 0
 
 
+def _check_guidance_flags(args) -> None:
+    """Refuse a bad ``--cfg-scale`` / ``--guidance-low`` / ``--guidance-high`` before the model is loaded; the run's
+    ``image.sample`` values stand in for the flags not given."""
+    from reed.checkpoint import read_config_text, resolve_checkpoint
+    from reed.config import config_from_yaml_text
+    from reed.image.config import check_guidance
+
+    if args.cfg_scale is None and args.guidance_low is None and args.guidance_high is None:
+        return  # the run's own values were checked when its config was loaded
+    ck = resolve_checkpoint(args.run)
+    sc = config_from_yaml_text(read_config_text(ck), str(ck)).image.sample
+    vals, names = [], []
+    for flag, given, key in (("--cfg-scale", args.cfg_scale, "cfg_scale"),
+                             ("--guidance-low", args.guidance_low, "guidance_low"),
+                             ("--guidance-high", args.guidance_high, "guidance_high")):
+        vals.append(getattr(sc, key) if given is None else given)
+        names.append(flag if given is not None else f"the run's image.sample.{key}")
+    check_guidance(*vals, names=tuple(names))
+
+
 def cmd_sample(args) -> int:
     """``reed sample RUN``: images into an ADM-layout .npz, a grid and a JSON of the settings."""
     from reed.image.generate import generate
 
     if getattr(args, "structures", None):
         raise ConfigError(f"--structures is for protein runs; {args.run} is an image run")
+    _check_guidance_flags(args)
     rank, world, st = process_info()
     info = generate(args.run, num=args.num or 100, out=args.out, sampler=args.sampler, steps=args.steps,
                     cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
                     batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae,
+                    protocol=args.protocol,
                     device=str(st.device) if world > 1 else None, process_index=rank, num_processes=world,
                     barrier=st.wait_for_everyone, progress=rank == 0)
     if rank == 0:
@@ -170,44 +192,45 @@ def cmd_embed_text(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Standard metrics against a reference (--ref) and/or in-domain metrics against a run's data (--run)."""
-    import numpy as np
+    """Standard metrics against a reference (--ref) and/or in-domain metrics against a run's data (--run).
 
+    Every input is checked before any network runs: uint8 images, at least 2 samples, labels within the run's
+    classes, no pickles."""
     samples = Path(args.samples)
     if not samples.is_file():
         raise ConfigError(f"samples file not found: {samples}")
     settings_file = samples.with_suffix(".json")
-    sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    try:
+        sampling = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"sampling settings {settings_file} are not valid JSON ({e}); fix or remove it") from None
     result: dict = {"samples": str(samples), "sampling": sampling}
     if not args.ref and not args.run:
         raise ConfigError("reed evaluate needs --ref (reference batch/statistics) and/or --run (in-domain metrics)")
-    if args.ref:
-        from reed.image.metrics.adm import evaluate
-
-        result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
-                                      metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
-    if args.run:
+    if args.run:  # read and check the in-domain inputs first: a bad file fails before the (long) standard metrics
         import torch
 
         from reed.checkpoint import read_config_text, resolve_checkpoint
         from reed.config import config_from_yaml_text
         from reed.image.data import load_dataset
-        from reed.image.metrics.indomain import evaluator_for
+        from reed.image.metrics.indomain import load_samples
 
         ck = resolve_checkpoint(args.run)
         cfg = config_from_yaml_text(read_config_text(ck), str(ck))
         if cfg.domain != "image":
             raise ConfigError(f"--run {args.run} is a {cfg.domain} run; in-domain image metrics need an image run")
         ds = load_dataset(cfg.image.data)
-        with np.load(samples) as f:
-            imgs, labels = f["arr_0"], (f["arr_1"] if "arr_1" in f.files else None)
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N,C,H,W) in [-1,1]
         real_shape = tuple(ds.pixels(torch.arange(1)).shape[1:])
-        if tuple(x.shape[1:]) != real_shape:
-            raise ConfigError(f"samples of shape {tuple(x.shape[1:])} (C,H,W) do not match the run's images "
-                              f"{real_shape}")
+        x, y = load_samples(samples, ds.num_classes, real_shape)  # (N,C,H,W) in [-1,1], (N,) or None
+    if args.ref:
+        from reed.image.metrics.adm import evaluate
+
+        result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
+                                      metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
+    if args.run:
+        from reed.image.metrics.indomain import evaluator_for
+
         ev = evaluator_for(ds, cfg.train.cache_dir)
-        y = torch.from_numpy(labels).long() if labels is not None else None
         result["in_domain"] = {**ev(x, y), "evaluator_held_out_accuracy": ev.held_out_accuracy,
                                "data": cfg.image.data.name, "definition": "Fréchet distance in the features of a "
                                "classifier trained on the data set; accuracy = classifier agrees with the label"}
@@ -217,9 +240,16 @@ def cmd_evaluate(args) -> int:
 def cmd_import(args) -> int:
     from reed.image.official import import_official
 
+    stores = {}
+    for item in args.target_store or []:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--target-store {item!r} must look like NAME=DIR")
+        stores[name] = directory
     ck = import_official(args.checkpoint, args.out, which=args.which, keep_projectors=args.keep_projectors,
-                         num_heads=args.num_heads, vae=args.vae, latents=args.latents)
-    print(f"imported {args.checkpoint} ({args.which} weights) -> {ck}")
+                         num_heads=args.num_heads, vae=args.vae, latents=args.latents, target_stores=stores)
+    print(f"imported {args.checkpoint} ({args.which} weights) -> {ck}; resume with: reed train "
+          f"{Path(args.out) / 'config.yaml'} --out {args.out} --resume")
     return 0
 
 
@@ -281,15 +311,23 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--num-heads", type=int, default=None, help="attention heads (default: SiT table by width)")
     sp.add_argument("--vae", default=None, help="VAE (dir or hub id) to decode samples with")
     sp.add_argument("--latents", default=None, help="prepared latents dir, to continue training")
+    sp.add_argument("--target-store", action="append", metavar="NAME=DIR",
+                    help="target store of the kept projector NAME (an --enc-type entry, or 'text'), to continue "
+                    "training; repeat per target")
 
     sp = commands.shared("sample")
     sp.add_argument("--sampler", choices=["euler", "heun", "sde"], default=None)
     sp.add_argument("--cfg-scale", type=float, default=None)
     sp.add_argument("--guidance-low", type=float, default=None)
     sp.add_argument("--guidance-high", type=float, default=None)
-    sp.add_argument("--labels", choices=["balanced", "random"], default="balanced")
+    sp.add_argument("--labels", choices=["balanced", "random"], default=None,
+                    help="class labels: i mod K (balanced) or uniform random (default: the protocol's)")
+    sp.add_argument("--protocol", default=None,
+                    help="reed (balanced labels, the run's VAE, rounded pixels) or paper (the reference "
+                    "generate.py: random labels, sd-vae-ft-ema, truncated pixels); default image.sample.protocol")
     sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's)")
+    sp.add_argument("--vae", default=None, help="VAE to decode a latent-space model's samples (default: the run's; "
+                    "--protocol paper: stabilityai/sd-vae-ft-ema)")
     sp = commands.shared("evaluate")
     sp.add_argument("--ref", default=None, help="images: reference ADM batch .npz, images (.npz/.npy/folder)")
     sp.add_argument("--inception", default=None, help="FID Inception weights file (pt_inception-2015-12-05-*.pth)")

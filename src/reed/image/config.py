@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,13 +62,19 @@ class ProcessConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampler used for in-training previews and ``reed sample`` defaults."""
+    """Sampler used for in-training previews and ``reed sample`` defaults.
+
+    ``protocol`` is ``reed sample``'s default (``--protocol`` overrides it): ``reed`` (class-balanced labels, the
+    run's VAE, pixels rounded) or ``paper`` (the reference generate.py: random labels, ``sd-vae-ft-ema``, pixels
+    truncated); see :mod:`reed.image.generate`.
+    """
 
     sampler: Literal["euler", "heun", "sde"] = "euler"
     steps: int = 50
     cfg_scale: float = 1.0
     guidance_low: float = 0.0
     guidance_high: float = 1.0
+    protocol: Literal["reed", "paper"] = "reed"
 
 
 @dataclass
@@ -93,15 +100,35 @@ class ImageConfig:
     fit: FitConfig = field(default_factory=FitConfig)
 
 
+SAMPLE_KEYS = ("config key 'image.sample.cfg_scale'", "config key 'image.sample.guidance_low'",
+               "config key 'image.sample.guidance_high'")
+
+
+def check_guidance(cfg_scale: float, low: float, high: float, names: tuple[str, str, str] = SAMPLE_KEYS) -> None:
+    """Refuse classifier-free guidance settings the sampler cannot honour; ``names`` name the three values (config
+    keys or ``reed sample`` flags) in the message.
+
+    ``cfg_scale`` must be finite and >= 1 (guidance is applied only above 1, so a smaller value would silently mean
+    none); the guidance interval ``low <= t <= high`` lies in the flow's time [0, 1] (0 = data, 1 = noise) and must
+    not be empty (``low <= high``)."""
+    if not (math.isfinite(cfg_scale) and cfg_scale >= 1.0):
+        raise ConfigError(f"{names[0]} must be a finite number >= 1 (1 = no guidance; guidance applies only above 1), "
+                          f"got {cfg_scale}")
+    for name, v in ((names[1], low), (names[2], high)):
+        if not 0.0 <= v <= 1.0:  # also NaN
+            raise ConfigError(f"{name} must be in [0, 1] (a time of the flow: 0 = data, 1 = noise), got {v}")
+    if low > high:
+        raise ConfigError(f"{names[1]} ({low}) is above {names[2]} ({high}): the guidance interval low <= t <= high "
+                          "would be empty")
+
+
 def validate_image(cfg) -> None:
     """Cross-field checks of the ``image:`` section and of the targets an image run reads."""
     im: ImageConfig = cfg.image
     if not 0.0 <= im.process.label_dropout < 1.0:
         raise ConfigError(f"config key 'image.process.label_dropout' must be in [0, 1), got {im.process.label_dropout}")
     s = im.sample
-    if not 0.0 <= s.guidance_low <= s.guidance_high <= 1.0:
-        raise ConfigError(f"image.sample.guidance_low/high must satisfy 0 <= low <= high <= 1, got {s.guidance_low}, "
-                          f"{s.guidance_high}")
+    check_guidance(s.cfg_scale, s.guidance_low, s.guidance_high)
     for i, tg in enumerate(cfg.targets):
         if tg.source in PATH_SOURCES and not tg.path:
             raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")

@@ -16,6 +16,7 @@ import torch
 
 from reed.errors import DataError
 from reed.image.config import DataConfig
+from reed.io import PICKLE_REFUSED, is_pickle_refusal
 
 
 @dataclass
@@ -61,24 +62,32 @@ class ImageDataset:
         return ((self.images[indices].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N,C,H,W) in [-1,1] -> ADM layout (N,H,W,C) uint8."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(x: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """(N,C,H,W) in [-1,1] -> ADM layout (N,H,W,C) uint8: round(127.5 (x + 1)), or with ``truncate`` the reference
+    generate.py's conversion, clamp(255 (x + 1) / 2) cast to uint8 (rounds down: about half a grey level darker)."""
+    v = (x.float().clamp(-1, 1) + 1) * 127.5  # == 255 * ((x + 1) / 2) exactly: the division by 2 is exact
+    return (v if truncate else v.round()).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _from_npz(path: Path) -> ImageDataset:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        arrs = np.load(path, allow_pickle=False)
-        keys = set(arrs.files)
+        with np.load(path, allow_pickle=False) as arrs:  # object arrays / pickles are refused, never unpickled
+            keys = set(arrs.files)
+            for k in ("images", "labels"):
+                if k not in keys:
+                    raise DataError(f"data file {path} has no '{k}' array (found: {sorted(keys)})")
+            imgs, labels = arrs["images"], arrs["labels"]
+            raw_captions = arrs["captions"] if "captions" in keys else None
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a bad file
+        if is_pickle_refusal(e):
+            raise DataError(f"data file {path} {PICKLE_REFUSED}") from None
         raise DataError(f"data file {path} is not a readable .npz ({e})") from None
-    for k in ("images", "labels"):
-        if k not in keys:
-            raise DataError(f"data file {path} has no '{k}' array (found: {sorted(keys)})")
-    imgs, labels = arrs["images"], arrs["labels"]
+    if imgs.size == 0 or labels.size == 0:
+        raise DataError(f"data file {path} is empty: 'images' has shape {imgs.shape}, 'labels' {labels.shape}")
     if imgs.dtype == np.uint8:
         if imgs.ndim == 3:
             imgs = imgs[..., None]
@@ -98,8 +107,8 @@ def _from_npz(path: Path) -> ImageDataset:
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"{path}: 'labels' must be non-negative integers")
     captions = None
-    if "captions" in keys:
-        captions = [str(c) for c in arrs["captions"]]
+    if raw_captions is not None:
+        captions = [str(c) for c in raw_captions]
         if len(captions) != x.shape[0]:
             raise DataError(f"{path}: 'captions' has {len(captions)} entries but there are {x.shape[0]} images")
     y = torch.from_numpy(labels.astype(np.int64))

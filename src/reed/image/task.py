@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from reed.config import Config, to_dict
 from reed.domains import build_objective as domain_objective
 from reed.domains import resolve_targets
-from reed.errors import ConfigError
+from reed.errors import ConfigError, DataError
 from reed.image.data import batch_indices, load_dataset, to_uint8
 from reed.image.sit import SiT, build_sit, drop_labels
 from reed.image.targets.prepare import prepare_targets
@@ -61,6 +62,22 @@ def check_depths(cfg: Config, depth: int) -> None:
             raise ConfigError(f"config key 'targets.{i}.depth' is {t.depth} but the model has only {depth} blocks")
 
 
+def check_token_grids(targets: dict, num_tokens: int) -> None:
+    """Refuse, before training, a token target (provider ``shape`` (T, D)) whose T differs from the model's
+    ``num_tokens`` and is not a square grid: the alignment resamples square grids only
+    (:func:`reed.align.resample_tokens`)."""
+    side = math.isqrt(num_tokens)
+    for name, provider in targets.items():
+        shape = getattr(provider, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] == num_tokens:
+            continue
+        t = int(shape[0])
+        if math.isqrt(t) ** 2 != t:
+            raise DataError(f"target '{name}' has {t} tokens per example, which is not a square grid, and the model "
+                            f"has {num_tokens} ({side}x{side}): only square token grids can be resampled; give "
+                            f"{num_tokens} tokens (or a square number) per example")
+
+
 @torch.no_grad()
 def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, seed: int) -> torch.Tensor:
     """Class-balanced samples (num,C,H,W) in [-1,1] from ``denoiser`` in eval mode with fixed noise and labels."""
@@ -102,9 +119,14 @@ class ImageTask:
         self.cfg = cfg
         return cfg
 
+    def fingerprint(self) -> str:
+        """The training set's fingerprint (stored in checkpoints; resuming on other data is refused)."""
+        return self.ds.fingerprint
+
     def build_denoiser(self) -> SiT:
         den = build_sit_denoiser(self.cfg)
         check_depths(self.cfg, den.depth)
+        check_token_grids(self.targets, den.num_tokens)
         return den
 
     def build_objective(self) -> Objective:

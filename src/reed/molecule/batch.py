@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from reed.errors import DataError
-from reed.molecule.chem import ATOMIC_NUMBERS, CHARGES, ELEMENTS, Molecule, charge_index, element_symbol
+from reed.molecule.chem import (
+    ATOMIC_NUMBERS,
+    CHARGES,
+    ELEMENTS,
+    SPECIAL_TOKENS,
+    Molecule,
+    charge_index,
+    element_symbol,
+)
 
 
 def uniform_rotation(
@@ -47,7 +55,8 @@ class MoleculeBatch:
 
     Attributes:
         x: ``(B, N, 3)`` float32 coordinates in Å, centred per molecule over its real atoms (padding 0).
-        atom_types: ``(B, N)`` int64 indices into the data set's ``elements`` (padding 0).
+        atom_types: ``(B, N)`` int64 indices into the type vocabulary ``elements`` given to :func:`collate`
+            (padding 0).
         bonds: ``(B, N, N)`` int64 bond classes (padding 0).
         charges: ``(B, N)`` int64 charge class indices into :data:`CHARGES` (padding 0 = neutral).
         mask: ``(B, N)`` bool, True for real atoms.
@@ -94,11 +103,15 @@ def collate(
     Coordinates are centred per molecule (uniform weights, real atoms only) and, with ``rotate=True``, rotated by
     an independent Haar-uniform rotation per molecule drawn with ``generator`` (rotation about the centroid, so
     centring is kept). An element outside ``elements`` or an unsupported charge raises DataError naming the molecule
-    (its position in ``molecules`` and its SMILES if known).
+    (its position in ``molecules`` and its SMILES if known). ``elements`` is the type vocabulary: it may hold the
+    special tokens :data:`~reed.molecule.chem.SPECIAL_TOKENS` (the reference's 18-token vocabulary), which no atom
+    maps to, so e.g. H is type 2 and C type 3 under :data:`~reed.molecule.chem.REFERENCE_TYPES`.
     """
     elements = tuple(elements)
     lookup = np.full(128, -1, dtype=np.int64)
     for i, s in enumerate(elements):
+        if s in SPECIAL_TOKENS:
+            continue
         if s not in ATOMIC_NUMBERS:
             raise DataError(f"collate: element {s!r} is not one of the supported elements {ELEMENTS}")
         lookup[ATOMIC_NUMBERS[s]] = i
@@ -147,13 +160,14 @@ def uncollate(
 
     Args:
         x: ``(B, N, 3)`` coordinates in Å.
-        atom_types: ``(B, N)`` indices into ``elements``.
+        atom_types: ``(B, N)`` indices into ``elements`` (the type vocabulary); a special token (PAD/MASK) becomes
+            atomic number 0, which the metrics count as unstable and invalid.
         bonds: ``(B, N, N)`` bond classes; the strict lower triangle is read and mirrored (the reference builds the
             molecule from the lower triangle).
         charges: ``(B, N)`` charge class indices into :data:`CHARGES`.
         mask: ``(B, N)`` bool real atoms.
     """
-    z_of = np.array([ATOMIC_NUMBERS[s] for s in elements], dtype=np.int64)
+    z_of = np.array([0 if s in SPECIAL_TOKENS else ATOMIC_NUMBERS[s] for s in elements], dtype=np.int64)
     ch_of = np.array(CHARGES, dtype=np.int64)
     xs = x.detach().cpu().numpy()
     ts = atom_types.detach().cpu().numpy()

@@ -5,9 +5,13 @@ tables, bond inference and RDKit conversion (batching: :mod:`reed.molecule.batch
 Conventions (spec §1.1-1.2, §4):
 
 - :data:`ELEMENTS` are the reference's 16 elements. A data set has its own vocabulary ``elements`` (a subset of
-  :data:`ELEMENTS` in that order); atom type index ``i`` means ``elements[i]``.
+  :data:`ELEMENTS` in that order); atom type index ``i`` means ``elements[i]``. The model's atom-type vocabulary is
+  either those elements (``molecule.type_vocab: data``) or the reference's 18 tokens :data:`REFERENCE_TYPES`
+  (``<PAD>``, ``<MASK>`` and all 16 elements; :func:`type_vocabulary`). A generated PAD/MASK atom becomes atomic
+  number 0: never stable, never valid.
 - Bond classes index :data:`BOND_TYPES` (``0`` none, ``1`` single, ``2`` double, ``3`` triple, ``4`` aromatic) with the
-  bond orders :data:`BOND_ORDERS` (aromatic = 1.5).
+  bond orders :data:`BOND_ORDERS` (aromatic = 1.5; how the stability metrics count it is a named choice,
+  :data:`reed.molecule.metrics.AROMATIC_RULES`).
 - Charge class index ``k`` means the formal charge ``CHARGES[k]``.
 
 A :class:`Molecule` holds atomic numbers, coordinates (Å), a dense symmetric bond-class matrix and formal charges.
@@ -40,13 +44,18 @@ __all__ = [
     "BOND_TYPES",
     "CHARGES",
     "ELEMENTS",
+    "REFERENCE_TYPES",
+    "SPECIAL_TOKENS",
+    "TYPE_VOCABS",
     "Molecule",
     "bonds_from_rdkit",
     "canonical_smiles",
     "charge_index",
     "element_symbol",
     "molecule_from_rdkit",
+    "real_elements",
     "to_rdkit",
+    "type_vocabulary",
 ]
 
 ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F", "P", "S", "Cl", "Br", "B", "Al", "Si", "As", "I", "Hg", "Bi")
@@ -60,6 +69,27 @@ ATOMIC_NUMBERS = {
 }  # fmt: skip
 SYMBOLS = {z: s for s, z in ATOMIC_NUMBERS.items()}
 _CHARGE_TO_INDEX = {c: i for i, c in enumerate(CHARGES)}
+
+# The reference's atom-type vocabulary (spec molecule.md section 1.1): 0 <PAD>, 1 <MASK>, then the 16 elements.
+# Its two special tokens take part in the uniform type prior and the softmax, so they change the CTMC's K.
+SPECIAL_TOKENS: tuple[str, ...] = ("<PAD>", "<MASK>")
+REFERENCE_TYPES: tuple[str, ...] = SPECIAL_TOKENS + ELEMENTS
+TYPE_VOCABS: tuple[str, ...] = ("data", "reference")
+
+
+def type_vocabulary(elements, kind: str = "data") -> tuple[str, ...]:
+    """The model's atom-type classes: ``"data"`` -> the data set's ``elements`` (K = their number, e.g. 5 for QM9);
+    ``"reference"`` -> :data:`REFERENCE_TYPES` (K = 18, whatever the data hold, as the reference)."""
+    if kind == "data":
+        return tuple(elements)
+    if kind == "reference":
+        return REFERENCE_TYPES
+    raise DataError(f"atom-type vocabulary must be one of {TYPE_VOCABS}, got {kind!r}")
+
+
+def real_elements(types) -> tuple[str, ...]:
+    """The element symbols of a type vocabulary (its special tokens removed)."""
+    return tuple(s for s in types if s not in SPECIAL_TOKENS)
 
 
 def element_symbol(z: int) -> str:
@@ -311,8 +341,10 @@ def to_rdkit(
     """Build an RDKit molecule with a 3D conformer; ``None`` if sanitisation fails (or there are no atoms).
 
     As the reference, only the strict lower triangle of ``bonds`` is read (self-bonds ignored), and class 4 becomes an
-    aromatic bond that sanitisation must kekulise. With ``allow_implicit_hs=True`` (the reference), RDKit may add
-    implicit hydrogens to under-bonded atoms during sanitisation; ``False`` forbids it (stricter validity).
+    aromatic bond that sanitisation must kekulise. An atom with atomic number <= 0 (a generated PAD/MASK token) makes
+    the molecule invalid, as the reference's RDKit conversion of those tokens fails. With ``allow_implicit_hs=True``
+    (the reference), RDKit may add implicit hydrogens to under-bonded atoms during sanitisation; ``False`` forbids it
+    (stricter validity).
 
     Args:
         atoms: ``(n,)`` atomic numbers.
@@ -325,7 +357,7 @@ def to_rdkit(
     types = (None, Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE, Chem.BondType.AROMATIC)
     atoms = np.asarray(atoms, dtype=np.int64).reshape(-1)
     n = atoms.shape[0]
-    if n == 0:
+    if n == 0 or bool(np.any(atoms <= 0)):
         return None
     bonds = np.asarray(bonds, dtype=np.int64)
     charges = np.asarray(charges, dtype=np.int64).reshape(-1)

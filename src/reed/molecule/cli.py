@@ -8,6 +8,7 @@ from pathlib import Path
 from reed.cli import Commands, print_report
 from reed.errors import ConfigError, DataError
 from reed.io import pick_device
+from reed.molecule.config import AROMATIC_RULES
 
 
 def fit_encoders(cfg, force: bool = False) -> int:
@@ -41,23 +42,30 @@ def cmd_sample(args) -> int:
     """``reed sample RUN --num N --out mols.sdf``: molecules with atom counts from the training set, as SDF, a PNG
     grid of 2D depictions and a JSON of the settings."""
     from reed.domains import load_denoiser
+    from reed.molecule.chem import real_elements
     from reed.molecule.dataset import MoleculeDataset
     from reed.molecule.metrics import depiction_grid, write_sdf
     from reed.molecule.task import generate_molecules, load_molecule_splits
 
+    # refuse bad arguments before loading anything or sampling
+    if args.num is not None and args.num < 1:
+        raise ConfigError(f"--num must be >= 1 (molecules to sample), got {args.num}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (sampling steps), got {args.steps}")
+    out = Path(args.out or Path(args.run) / "samples.sdf")
+    if out.suffix.lower() != ".sdf":
+        raise ConfigError(f"molecule samples are written as SDF: --out must end in .sdf, got {out}")
     device = str(pick_device(None))
     model, cfg, _ = load_denoiser(args.run, use_ema=not args.raw, device=device)
     train = load_molecule_splits(cfg)["train"]
     num = args.num or 100
     mols = generate_molecules(model, cfg, tuple(cfg.molecule.elements), train.atom_count_distribution(), num,
                               seed=args.seed, device=device, steps=args.steps, progress=True)
-    out = Path(args.out or Path(args.run) / "samples.sdf")
-    if out.suffix.lower() != ".sdf":
-        raise ConfigError(f"molecule samples are written as SDF: --out must end in .sdf, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     written = write_sdf(mols, out)
-    # every molecule (valid or not) also as arrays, so evaluation sees the invalid ones too
-    MoleculeDataset(mols, cfg.molecule.elements, name=out.stem).save(out.with_suffix(".npz"))
+    # every molecule (valid or not, generated PAD/MASK atoms as atomic number 0) also as arrays, so evaluation
+    # sees the invalid ones too
+    MoleculeDataset(mols, real_elements(cfg.molecule.elements), name=out.stem).save(out.with_suffix(".npz"))
     depiction_grid(mols[:48], out.with_suffix(".png"))
     settings = {"run": str(args.run), "num": num, "seed": args.seed, "steps": args.steps or cfg.molecule.sample.steps,
                 "grid": cfg.molecule.sample.grid, "eta": cfg.molecule.sample.eta, "valid_written": written}
@@ -67,23 +75,37 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def evaluate(args) -> dict:
-    """``reed evaluate mols.sdf|mols.npz [--run RUN] [--energy]``: stability, validity, uniqueness, novelty
-    (against the run's training set) and optionally MMFF energy / strain."""
+def _read_samples(path: Path) -> tuple[list, str]:
+    """(molecules, the file read): the ``.npz`` arrays written next to an ``.sdf`` by ``reed sample`` (they hold
+    the invalid molecules too), else the SDF itself. Refuses a file that yields no molecule, naming it."""
     from reed.molecule.dataset import MoleculeDataset
-    from reed.molecule.metrics import molecule_metrics
 
-    path = Path(args.samples)
     arrays = path.with_suffix(".npz")
     if arrays.is_file():
-        mols = MoleculeDataset.load(arrays).molecules
-        source = str(arrays)
+        ds, source = MoleculeDataset.load(arrays), arrays
     elif path.is_file():
-        mols = MoleculeDataset.from_sdf(path).molecules
-        source = str(path)
+        ds, source = MoleculeDataset.from_sdf(path), path
     else:
         raise DataError(f"molecule samples not found: {path}")
+    if len(ds) == 0:
+        why = "it is empty"
+        if ds.skipped:
+            name, reason = ds.skipped[0]
+            why = f"{len(ds.skipped)} record(s) unreadable, first: {name}: {reason}"
+        raise DataError(f"{source}: no molecules to score ({why})")
+    return ds.molecules, str(source)
+
+
+def evaluate(args) -> dict:
+    """``reed evaluate mols.sdf|mols.npz [--run RUN] [--energy] [--aromatic RULE]``: stability, validity,
+    uniqueness, novelty (against the run's training set) and optionally MMFF energy / strain. The aromatic rule of
+    the stability metrics is ``--aromatic``, else the run's ``molecule.aromatic_rule``, else ``intended``; the
+    result names it (``aromatic_rule``)."""
+    from reed.molecule.metrics import molecule_metrics
+
+    mols, source = _read_samples(Path(args.samples))
     train_smiles = None
+    rule = getattr(args, "aromatic", None)
     if args.run:
         from reed.checkpoint import read_config_text, resolve_checkpoint
         from reed.config import config_from_yaml_text
@@ -91,8 +113,11 @@ def evaluate(args) -> dict:
 
         ck = resolve_checkpoint(args.run)
         cfg = config_from_yaml_text(read_config_text(ck), str(ck))
+        if cfg.domain != "molecule":
+            raise ConfigError(f"--run {args.run} is a {cfg.domain} run, not a molecule run")
+        rule = rule or cfg.molecule.aromatic_rule
         train_smiles = load_molecule_splits(cfg)["train"].smiles_set(progress=True)
-    res = molecule_metrics(mols, train_smiles, energy=args.energy, progress=True)
+    res = molecule_metrics(mols, train_smiles, energy=args.energy, progress=True, aromatic=rule or "intended")
     return {"samples": source, **res}
 
 
@@ -111,5 +136,9 @@ def add_commands(commands: Commands) -> None:
     sp = commands.command("fit-encoder", "fit the self-supervised encoder(s) the config's targets name",
                           lambda args, cfg: fit_encoders(cfg, force=args.force), config=True)
     sp.add_argument("--force", action="store_true", help="refit even if the encoder exists")
-    commands.shared("evaluate").add_argument("--energy", action="store_true",
-                                             help="molecules: MMFF energy and strain (slow for many)")
+    ev = commands.shared("evaluate")
+    ev.add_argument("--energy", action="store_true", help="molecules: MMFF energy and strain (slow for many)")
+    ev.add_argument("--aromatic", choices=AROMATIC_RULES, default=None,
+                    help="molecules: aromatic bonds count 1.5 toward valence, floored ('intended', the default "
+                    "without --run) or 1 ('reference': what the reference's code computes, the paper's numbers); "
+                    "default: the run's molecule.aromatic_rule")

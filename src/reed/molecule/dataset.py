@@ -27,6 +27,7 @@ from reed.molecule.chem import (
 )
 
 _CACHE_VERSION = 1
+CONFORMER_MODES = ("all", "first")
 
 
 def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
@@ -101,6 +102,9 @@ class MoleculeDataset:
         skipped: ``(record, reason)`` for records that could not be read.
         fallbacks: ``(record, reason)`` for molecules whose bond orders could not be inferred (single bonds only
             or no bonds, see :func:`bonds_from_rdkit`); they are kept.
+
+    Atomic number 0 is accepted besides ``elements``: it is what a generated PAD/MASK token becomes
+    (:func:`~reed.molecule.batch.uncollate`), so generated sets can be saved whole; such molecules are invalid.
     """
 
     def __init__(
@@ -122,7 +126,7 @@ class MoleculeDataset:
         if unknown:
             raise DataError(f"{self.name}: elements {unknown} are not among the supported elements {ELEMENTS}")
         self.elements: tuple[str, ...] = tuple(s for s in ELEMENTS if s in elements)
-        allowed = {ATOMIC_NUMBERS[s] for s in self.elements}
+        allowed = {ATOMIC_NUMBERS[s] for s in self.elements} | {0}
         for i, m in enumerate(self.molecules):
             extra = set(np.unique(m.atoms).tolist()) - allowed
             if extra:
@@ -306,6 +310,7 @@ class MoleculeDataset:
         elements: Sequence[str] | None = None,
         kekulize: bool = True,
         workers: int = 1,
+        conformers: str = "all",
     ) -> MoleculeDataset:
         """Read EDM-layout molecules and infer bonds.
 
@@ -313,7 +318,13 @@ class MoleculeDataset:
             - ``.npz`` (EDM QM9): ``charges`` ``(M, A)`` atomic numbers with 0 padding, ``positions`` ``(M, A, 3)``
               Å, ``num_atoms`` ``(M,)``; other keys (properties) are ignored.
             - ``.npy`` (EDM GEOM ``geom_drugs_30.npy``): ``(T, 5)`` rows ``[conformer id, atomic number, x, y, z]``,
-              conformers contiguous; every conformer becomes one molecule.
+              conformers contiguous. EDM writes each molecule's (up to 30) lowest-energy conformers one after the
+              other, lowest first, with a new id per *conformer*. ``conformers="all"`` makes every conformer one
+              record (EDM's protocol, so a split is by conformer and the same molecule can sit in train and test);
+              ``conformers="first"`` keeps the first conformer of each molecule (the reference's SemlaFlow
+              protocol, so a split is by molecule). The file stores no molecule id: a molecule is a run of
+              consecutive conformers with the same atomic-number sequence (two stereoisomers written next to each
+              other with the same atom order would merge, keeping one); ``limit`` then counts molecules.
 
         Args:
             bonds: ``"rdkit"`` (xyz2mol, :func:`bonds_from_rdkit`; total charge 0), ``"connectivity"`` (single bonds
@@ -322,6 +333,7 @@ class MoleculeDataset:
             elements: vocabulary; default the elements present.
             kekulize: passed to :func:`bonds_from_rdkit`.
             workers: processes for bond inference (``1``: in this process).
+            conformers: ``"all"`` or ``"first"`` (GEOM ``.npy`` only; a ``.npz`` holds one conformer per molecule).
 
         Molecules with elements outside :data:`ELEMENTS` are skipped (``skipped``); molecules whose bond orders could
         not be inferred are kept with single bonds and listed in ``fallbacks``. Bond inference dominates the cost
@@ -330,9 +342,11 @@ class MoleculeDataset:
         path = Path(path)
         if bonds not in ("rdkit", "connectivity", "none"):
             raise DataError(f"from_edm_npz: bonds must be 'rdkit', 'connectivity' or 'none', got {bonds!r}")
+        if conformers not in CONFORMER_MODES:
+            raise DataError(f"from_edm_npz: conformers must be one of {CONFORMER_MODES}, got {conformers!r}")
         if not path.is_file():
             raise DataError(f"{path}: file not found")
-        records = cls._read_edm(path, limit)
+        records = cls._read_edm(path, limit, first_conformer=conformers == "first")
         skips = _Skips(str(path))
         kept: list[tuple[str, np.ndarray, np.ndarray]] = []
         for name, z, x in records:
@@ -376,9 +390,11 @@ class MoleculeDataset:
         return cls(mols, elements, path.stem, skips.finish(), fallbacks)
 
     @staticmethod
-    def _read_edm(path: Path, limit: int | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def _read_edm(path: Path, limit: int | None, first_conformer: bool = False
+                  ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         try:
-            data = np.load(path, allow_pickle=False)
+            # a GEOM .npy is many GB: map it rather than read it (mmap_mode is ignored for .npz)
+            data = np.load(path, allow_pickle=False, mmap_mode="r")
         except Exception as exc:
             raise DataError(f"{path}: cannot read ({exc})") from exc
         if isinstance(data, np.ndarray):  # GEOM: (T, 5) [conformer id, atomic number, x, y, z]
@@ -386,12 +402,19 @@ class MoleculeDataset:
                 raise DataError(f"{path}: expected a (T, 5) array [id, atomic number, x, y, z], got {data.shape}")
             ids = data[:, 0].astype(np.int64)
             starts = np.concatenate([[0], np.flatnonzero(np.diff(ids) != 0) + 1, [len(ids)]])
-            count = len(starts) - 1 if limit is None else min(int(limit), len(starts) - 1)
             out = []
-            for k in range(count):
+            previous: np.ndarray | None = None
+            for k in range(len(starts) - 1):
+                if limit is not None and len(out) >= int(limit):
+                    break
                 rows = data[starts[k] : starts[k + 1]]
-                out.append((f"{path.name} conformer {int(ids[starts[k]])}", rows[:, 1].astype(np.int64),
-                            rows[:, 2:5].astype(np.float32)))  # fmt: skip
+                z = rows[:, 1].astype(np.int64)
+                if first_conformer:
+                    same = previous is not None and previous.shape == z.shape and bool(np.all(previous == z))
+                    previous = z
+                    if same:  # a further conformer of the molecule just kept
+                        continue
+                out.append((f"{path.name} conformer {int(ids[starts[k]])}", z, rows[:, 2:5].astype(np.float32)))
             return out
         with data:
             for key in ("charges", "positions", "num_atoms"):

@@ -10,7 +10,8 @@ skewed toward data) becomes t = 1 - t_ref, so E[t] = 1/3.
 Batch layout (padded to N = the largest molecule in the batch)
 --------------------------------------------------------------
 * ``x`` (B,N,3) float coordinates in *normalised units* (Å / σ; the caller scales);
-* ``types`` (B,N) int64 in [0, K_atom) - the data set's element vocabulary, **without** PAD/MASK tokens;
+* ``types`` (B,N) int64 in [0, K_atom) - the type vocabulary: the data set's elements, or the reference's 18 tokens
+  (PAD, MASK, 16 elements), whose PAD/MASK classes no data atom takes but the prior does;
 * ``bonds`` (B,N,N) int64 in [0, 5) (0 = no bond), symmetric, zero diagonal;
 * ``charges`` (B,N) int64 in [0, 7) (predicted only: never interpolated or fed back);
 * ``mask`` (B,N) bool, True for real atoms. Padding entries of every integer tensor are 0.
@@ -31,7 +32,9 @@ Process
 Differences from the reference (spec molecule.md §1.3, §1.4, §7.10, §7.11)
 -------------------------------------------------------------------------
 * The reference drew the type prior uniformly over its 18-token vocabulary including PAD and MASK; here the prior
-  covers only the K_atom element classes.
+  covers the K_atom type classes of the vocabulary it is given: the data's elements (``molecule.type_vocab: data``)
+  or the reference's 18 tokens (``type_vocab: reference``, :data:`reed.molecule.chem.REFERENCE_TYPES`), which also
+  sets the K of the sampler's CTMC jump rates.
 * The reference drew the coordinate noise at the batch's largest size, centred it, then truncated it to each
   molecule without re-centring; here each molecule's prior is centred over its own real atoms.
 * The reference drew (i, j) and (j, i) of the bond interpolant independently (asymmetric x_t bonds); here the upper

@@ -20,10 +20,12 @@ import numpy as np
 from reed import geometry
 from reed.errors import DataError
 from reed.io import progress_bar
-from reed.molecule.chem import BOND_ORDERS, CHARGES, Molecule, as_molecule, element_symbol, to_rdkit
+from reed.molecule.chem import BOND_ORDERS, BOND_TYPES, CHARGES, Molecule, as_molecule, element_symbol, to_rdkit
+from reed.molecule.config import AROMATIC_RULES
 
 __all__ = [
     "ALLOWED_VALENCES",
+    "AROMATIC_RULES",
     "atom_stability",
     "depiction_grid",
     "kabsch_rmsd",
@@ -61,6 +63,14 @@ ALLOWED_VALENCES: dict[str, dict[int, list[int]]] = {
 
 _ORDERS = np.asarray(BOND_ORDERS, dtype=np.float64)
 
+# How an aromatic bond (class 4) counts toward an atom's valence in the stability metrics:
+#   "intended":  1.5, and the valence sum floored to an int - the formula the reference's code writes
+#                (``adj[adj == 4] = 1.5`` then an int cast of the sum);
+#   "reference": 1 - what the reference's code computes, and so what the paper's numbers used: its adjacency tensor
+#                is int64, so the assignment of 1.5 stores 1 (spec molecule.md section 5).
+# The two agree on every molecule without aromatic bonds (e.g. the kekulé bonds reed infers for EDM data).
+_AROMATIC_ORDER = {"intended": 1.5, "reference": 1.0}
+
 
 def _symbols(atoms) -> list[str]:
     atoms = np.asarray(atoms).reshape(-1)
@@ -69,25 +79,38 @@ def _symbols(atoms) -> list[str]:
     return [element_symbol(int(z)) for z in atoms]
 
 
-def atom_stability(atoms, bonds, charges) -> np.ndarray:
+def _check_aromatic(aromatic: str) -> None:
+    if aromatic not in AROMATIC_RULES:
+        raise DataError(f"aromatic rule must be one of {AROMATIC_RULES}, got {aromatic!r}")
+
+
+def atom_stability(atoms, bonds, charges, *, aromatic: str = "intended") -> np.ndarray:
     """Per-atom stability ``(n,)`` bool.
 
-    The valence of atom i is the sum of its bond orders (aromatic = 1.5) floored to an int, as the reference does, and
-    must be in ``ALLOWED_VALENCES[element][charge]``. Only the strict lower triangle of ``bonds`` is read and mirrored
-    (the reference builds molecules from it), so an asymmetric prediction is judged like its RDKit molecule.
+    The valence of atom i is the sum of its bond orders floored to an int and must be in
+    ``ALLOWED_VALENCES[element][charge]``. An aromatic bond counts 1.5 with ``aromatic="intended"`` (the formula
+    the reference's code writes) and 1 with ``aromatic="reference"`` (what that code computes, because its adjacency
+    is an integer tensor: the rule behind the paper's numbers); see :data:`AROMATIC_RULES`. E.g. pyrrole's N-H
+    (two aromatic bonds and one single) is 4 (unstable) under "intended" and 3 (stable) under "reference"; benzene's
+    carbons are 4 and 3, both stable. Only the strict lower triangle of ``bonds`` is read and mirrored (the reference
+    builds molecules from it), so an asymmetric prediction is judged like its RDKit molecule.
 
     Args:
-        atoms: ``(n,)`` atomic numbers (or element symbols).
+        atoms: ``(n,)`` atomic numbers (or element symbols); 0 (a generated PAD/MASK token) is never stable.
         bonds: ``(n, n)`` bond classes 0..4.
         charges: ``(n,)`` formal charges.
+        aromatic: ``"intended"`` or ``"reference"``.
     """
+    _check_aromatic(aromatic)
     symbols = _symbols(atoms)
     n = len(symbols)
     bonds = np.asarray(bonds, dtype=np.int64).reshape(n, n)
     charges = np.asarray(charges, dtype=np.int64).reshape(n)
     if np.any((bonds < 0) | (bonds >= len(_ORDERS))):
         raise DataError(f"atom_stability: bond classes must be in 0..{len(_ORDERS) - 1}")
-    lower = np.tril(_ORDERS[bonds], k=-1)
+    orders = _ORDERS.copy()
+    orders[BOND_TYPES.index("aromatic")] = _AROMATIC_ORDER[aromatic]
+    lower = np.tril(orders[bonds], k=-1)
     valence = np.floor(lower.sum(axis=0) + lower.sum(axis=1)).astype(np.int64)
     out = np.zeros(n, dtype=bool)
     for i, (s, c, v) in enumerate(zip(symbols, charges.tolist(), valence.tolist())):
@@ -165,11 +188,14 @@ def molecule_metrics(
     progress: bool = False,
     allow_implicit_hs: bool = True,
     max_iters: int = 1000,
-) -> dict[str, float]:
-    """Spec §5 metrics over a list of molecules.
+    aromatic: str = "intended",
+) -> dict[str, float | str]:
+    """Spec §5 metrics over a list of molecules (at least one; an empty list raises DataError).
 
     Returns a dict with
-        - ``atom_stability`` (stable atoms / all atoms), ``molecule_stability`` (all atoms stable / molecules);
+        - ``atom_stability`` (stable atoms / all atoms), ``molecule_stability`` (all atoms stable / molecules),
+          with aromatic bonds counted by the rule ``aromatic`` (:func:`atom_stability`), which ``aromatic_rule``
+          names;
         - ``validity`` (RDKit sanitises the molecule built by :func:`~reed.molecule.chem.to_rdkit`),
           ``connected_validity`` (valid and a single fragment);
         - ``uniqueness`` (distinct canonical SMILES / valid), ``novelty`` (valid whose SMILES is not in
@@ -187,13 +213,16 @@ def molecule_metrics(
     """
     from rdkit import Chem
 
+    _check_aromatic(aromatic)
     mols = [as_molecule(m) for m in molecules]
+    if not mols:
+        raise DataError("molecule_metrics: no molecules to score")
     n_atoms = n_stable_atoms = n_stable_mols = n_valid = n_connected = 0
     smiles: list[str] = []
     energies, energies_pa, strains, strains_pa, rmsds = [], [], [], [], []
     n_energy = n_opt = 0
     for m in progress_bar(mols, progress, "molecule metrics"):
-        stable = atom_stability(m.atoms, m.bonds, m.charges)
+        stable = atom_stability(m.atoms, m.bonds, m.charges, aromatic=aromatic)
         n_atoms += len(stable)
         n_stable_atoms += int(stable.sum())
         n_stable_mols += int(len(stable) > 0 and bool(stable.all()))
@@ -222,7 +251,8 @@ def molecule_metrics(
             strains_pa.append((e - e_opt) / n)
             rmsds.append(kabsch_rmsd(np.asarray(mol.GetConformer().GetPositions()), pos))
     total = len(mols)
-    out: dict[str, float] = {
+    out: dict[str, float | str] = {
+        "aromatic_rule": aromatic,
         "atom_stability": _ratio(n_stable_atoms, n_atoms),
         "molecule_stability": _ratio(n_stable_mols, total),
         "validity": _ratio(n_valid, total),

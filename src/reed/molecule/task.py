@@ -1,15 +1,18 @@
 """The 3D-molecule domain for the trainer: equivariant flow matching over coordinates, atom types, bonds and
 charges (SemlaFlow-style), aligned to a molecular encoder's per-molecule representation.
 
-Batches are atom-budget batches (``molecule.data.atom_budget`` atoms, sorted by size and packed, none dropped),
-so ``train.epochs`` sets the number of steps and the curriculum can be given in epochs, as in the reference
-(generative loss ramped in over the first 30 epochs, alignment weight 0.2; spec molecule.md section 2.4).
+Batches are atom-budget batches (``molecule.data.atom_budget`` atoms, sorted by size and packed, none dropped,
+rebuilt every epoch with equal-size molecules reshuffled between them, :class:`MoleculeEpochs`), so ``train.epochs``
+sets the number of steps and the curriculum can be given in epochs, as in the reference (generative loss ramped in
+over the first 30 epochs, alignment weight 0.2; spec molecule.md section 2.4). As in the reference the ramp moves
+every optimizer step (``molecule.curriculum_every: step``): 30 epochs of S steps ramp over 30 S steps.
 Coordinates are scaled by ``1/coord_std`` for the model and back to Å for metrics and files.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,9 @@ from reed.config import Config, build_from
 from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
-from reed.io import eval_mode, progress_bar
-from reed.molecule.batch import uncollate
+from reed.io import eval_mode, fingerprint, progress_bar
+from reed.molecule.batch import collate, uncollate
+from reed.molecule.chem import type_vocabulary
 from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.flow import MoleculeFlow, self_condition_inputs
 from reed.molecule.nets.denoiser import MoleculeDenoiser, build_molecule_model
@@ -34,7 +38,8 @@ def load_molecules(cfg: Config, progress: bool = False) -> MoleculeDataset:
     if not d.path:
         raise ConfigError("config key 'molecule.data.path' is required (an EDM .npz, an SDF file or a SMILES file)")
     if d.format == "edm_npz":
-        return MoleculeDataset.from_edm_npz(d.path, limit=d.limit, progress=progress)
+        return MoleculeDataset.from_edm_npz(d.path, limit=d.limit, progress=progress, kekulize=d.kekulize,
+                                            conformers=d.conformers)
     if d.format == "sdf":
         ds = MoleculeDataset.from_sdf(d.path, progress=progress)
     else:
@@ -104,6 +109,35 @@ def generate_molecules(model: MoleculeDenoiser, cfg: Config, elements, count_dis
     return out
 
 
+class MoleculeEpochs(EpochBatches):
+    """:class:`~reed.epochs.EpochBatches` whose batches are rebuilt every epoch.
+
+    Epoch e uses ``dataset.batches(atom_budget, shuffle_seed=...)`` with a seed that is a pure function of
+    (seed, e): molecules of equal size are shuffled between batches and the batch order is shuffled, so batch
+    contents change from epoch to epoch (the reference reshuffles its size buckets every epoch) while the number of
+    batches, which depends on the sorted sizes only, stays the same. Resume is exact.
+    """
+
+    def __init__(self, dataset: MoleculeDataset, atom_budget: int, *, seed: int, world: int, grad_accum: int):
+        self.dataset, self.atom_budget = dataset, int(atom_budget)
+        super().__init__(self.epoch_batches(0, seed), seed=seed, world=world, grad_accum=grad_accum)
+        self._epoch = 0
+
+    def epoch_batches(self, epoch: int, seed: int | None = None) -> list[list[int]]:
+        """The batches (lists of example indices) of ``epoch``, in the order they are consumed."""
+        seed = self.seed if seed is None else seed
+        return self.dataset.batches(self.atom_budget, shuffle_seed=(seed * 1_000_003 + epoch) % 2**63)
+
+    def indices(self, step: int, rank: int):
+        """The ``grad_accum`` batches (example indices) of process ``rank`` at ``step``."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:  # rebuilt once per epoch (and on resume), cached in between
+            self.batches, self._epoch = self.epoch_batches(epoch), epoch
+        for k in range(self.grad_accum):
+            pos = (within * self.per_step + k * self.world + rank) % len(self.batches)
+            yield self.batches[pos]
+
+
 class MoleculeTargets:
     """Per-molecule targets of the training set, one target store (:mod:`reed.store`, rows (N,D)) per term name,
     computed once into the cache and reused while data, encoder and its weights are unchanged."""
@@ -158,10 +192,11 @@ class MoleculeTask:
         self.train_set = self.splits["train"]
         if len(self.train_set) == 0:
             raise DataError(f"no training molecules in {cfg.molecule.data.path}")
-        self.elements = self.train_set.elements
+        # the model's atom-type classes: the data's elements, or the reference's 18 tokens
+        self.elements = type_vocabulary(self.train_set.elements, cfg.molecule.type_vocab)
         if cfg.molecule.elements and tuple(cfg.molecule.elements) != tuple(self.elements):
-            raise ConfigError(f"config key 'molecule.elements' is {cfg.molecule.elements} but the data have "
-                              f"{list(self.elements)}")
+            raise ConfigError(f"config key 'molecule.elements' is {cfg.molecule.elements} but the data and "
+                              f"molecule.type_vocab={cfg.molecule.type_vocab!r} give {list(self.elements)}")
         cfg = cfg.with_section(elements=list(self.elements))
 
         def load(terms_cfg):
@@ -170,8 +205,13 @@ class MoleculeTask:
             return targets, {name: s.dim for name, s in targets.stores.items()}
 
         cfg, self.targets = resolve_targets(cfg, load)
-        self.epochs = EpochBatches(self.train_set.batches(cfg.molecule.data.atom_budget), seed=cfg.seed,
-                                   world=world, grad_accum=cfg.train.grad_accum)
+        budget = cfg.molecule.data.atom_budget
+        if cfg.molecule.data.reshuffle:
+            self.epochs = MoleculeEpochs(self.train_set, budget, seed=cfg.seed, world=world,
+                                         grad_accum=cfg.train.grad_accum)
+        else:
+            self.epochs = EpochBatches(self.train_set.batches(budget), seed=cfg.seed, world=world,
+                                       grad_accum=cfg.train.grad_accum)
         self.steps_per_epoch = self.epochs.steps_per_epoch
         cfg = self.epochs.resolve_steps(cfg)
         self.flow = build_flow(cfg, len(self.elements))
@@ -179,6 +219,10 @@ class MoleculeTask:
         self._train_smiles: set[str] | None = None
         self.cfg = cfg
         return cfg
+
+    def fingerprint(self) -> str:
+        """The training set's fingerprint (stored in checkpoints; resuming on other data is refused)."""
+        return fingerprint([(m.atoms, m.coords, m.bonds, m.charges) for m in self.train_set])
 
     def build_denoiser(self) -> MoleculeDenoiser:
         den = build_molecule_denoiser(self.cfg, len(self.elements))
@@ -191,13 +235,24 @@ class MoleculeTask:
         return den
 
     def build_objective(self) -> Objective:
-        return build_objective(self.cfg, self.flow, self.steps_per_epoch)
+        """The REED objective; with ``curriculum.unit: epoch`` and ``molecule.curriculum_every: step`` the epoch
+        counts become step counts, so the generative warm-up rises every step (the reference's
+        ``min(step / (E * steps_per_epoch), 1)``) instead of once per epoch."""
+        obj = build_objective(self.cfg, self.flow, self.steps_per_epoch)
+        c = obj.curriculum
+        if self.cfg.objective.curriculum.unit == "epoch" and self.cfg.molecule.curriculum_every == "step":
+            k = c.steps_per_unit
+            obj.curriculum = replace(c, gen_start=c.gen_start * k, gen_warmup=c.gen_warmup * k,
+                                     align_steps=c.align_steps * k, total=max(self.cfg.train.steps, 1),
+                                     steps_per_unit=1)
+        return obj
 
     def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
         """This process's ``grad_accum`` atom-budget batches of ``step``: (MoleculeBatch, {target: (B,D)})."""
         rot = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 64 + rank)  # rotations drawn on CPU
         for idx in self.epochs.indices(step, rank):
-            mb = self.train_set.collate(idx, rotate=self.cfg.molecule.data.rotate, generator=rot).to(device)
+            mols = [self.train_set[int(i)] for i in idx]
+            mb = collate(mols, self.elements, rotate=self.cfg.molecule.data.rotate, generator=rot).to(device)
             z = self.targets.batch(idx, device)
             yield mb, z
 
@@ -236,7 +291,7 @@ class MoleculeTask:
 
         mols = generate_molecules(model, self.cfg, self.elements, self.count_dist, self.cfg.molecule.eval_num,
                                   seed=self.cfg.seed, device=device)
-        res = molecule_metrics(mols, self.train_smiles())
+        res = molecule_metrics(mols, self.train_smiles(), aromatic=self.cfg.molecule.aromatic_rule)
         depiction_grid(mols[:24], run_dir / "samples" / f"step_{step:07d}.png")
         keys = ("atom_stability", "molecule_stability", "validity", "connected_validity", "uniqueness", "novelty")
         return {"epoch": step / self.steps_per_epoch, **{k: float(res[k]) for k in keys if k in res}}

@@ -27,13 +27,26 @@ def _structure_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def refuse_without_backbone(example, source, hint: str = "") -> None:
+    """A :class:`DataError` naming ``source`` and the chain when no residue of ``example`` has a complete backbone
+    (its design would be all ``X``, its recovery undefined)."""
+    from reed.protein.data import backbone_problem
+
+    problem = backbone_problem(example)
+    if problem is not None:
+        raise DataError(f"{source}: chain {example.chain_ids[0]}: {problem}; nothing to design or score{hint}")
+
+
 def load_structures(paths: list[str], *, mode: str = "chain", chains: list[str] | None = None):
-    """(examples, {example name: source file}) parsed from files/directories."""
+    """(examples, {example name: source file}) parsed from files/directories; a chain without any complete
+    backbone residue is refused by name."""
     from reed.protein.data import merge_chains, parse_structure
 
     examples, sources = [], {}
     for f in _structure_files(paths):
         exs = parse_structure(f, chains=chains)
+        for e in exs:
+            refuse_without_backbone(e, f, " (leave it out with --chains)")
         if mode == "complex" and len(exs) > 1:
             exs = [merge_chains(exs, name=f.name.split(".")[0])]
         for e in exs:
@@ -81,6 +94,7 @@ def evaluate_protein_fasta(args) -> dict:
             found = {e.name: e for e in parse_structure(src)}
             if r["name"] not in found:
                 raise DataError(f"{args.samples}: chain '{r['name']}' not found in {src} (has {sorted(found)})")
+            refuse_without_backbone(found[r["name"]], src)
             natives[r["name"]] = found[r["name"]]
         nat = natives[r["name"]]
         if len(r["sequence"]) != len(nat.sequence):
@@ -121,14 +135,17 @@ def evaluate_protein_run(args, run: Path) -> dict:
 
 
 def read_chain_clusters(list_csv: Path) -> dict[str, str]:
-    """CHAINID -> CLUSTER from ProteinMPNN's ``list.csv``."""
+    """CHAINID -> CLUSTER from ProteinMPNN's ``list.csv`` (or REED's ``list_filtered.csv``)."""
     if not list_csv.is_file():
-        raise DataError(f"cluster list not found: {list_csv}")
-    with list_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+        raise DataError(f"{list_csv}: index file not found (config key 'protein.data.chain_list')")
+    try:
+        with list_csv.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{list_csv}: not a CSV index file ({exc})") from exc
     if not rows or "CHAINID" not in rows[0] or "CLUSTER" not in rows[0]:
         raise DataError(f"{list_csv} must have CHAINID and CLUSTER columns")
-    return {r["CHAINID"]: r["CLUSTER"] for r in rows}
+    return {r["CHAINID"]: str(r["CLUSTER"]).strip() for r in rows}
 
 
 def embed_protein(args, cfg) -> int:
@@ -153,7 +170,7 @@ def embed_protein(args, cfg) -> int:
         if args.jobs:
             jobs = json.loads(Path(args.jobs).read_text())
         elif cfg.protein.data.format == "pdb_2021aug02":
-            clusters = read_chain_clusters(Path(cfg.protein.data.path) / "list.csv")
+            clusters = read_chain_clusters(cfg.protein.data.index_file())
             jobs = {n: f"cluster_{clusters[n]}" for n in names if n in clusters}
         else:
             raise ConfigError("give --jobs JSON {example name: AF3 job name} for a directory data set")
@@ -208,7 +225,8 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--pair", choices=["attention", "none"], default="attention",
                     help="ESM-2 pair target: symmetrised attention maps of all layers and heads, or none")
     sp.add_argument("--af3-dir", default=None, help="AlphaFold3 output dir (cluster_<id>/seed-0_embeddings/...)")
-    sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: from list.csv)")
+    sp.add_argument("--jobs", default=None, help="JSON {example name: AF3 job name} (default: cluster_<CLUSTER> from "
+                    "protein.data.chain_list)")
     sp.add_argument("--device", default=str(pick_device()))
     sp = commands.shared("sample")
     sp.add_argument("--structures", nargs="+", default=None,

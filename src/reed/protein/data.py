@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import pickle
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,12 +38,14 @@ __all__ = [
     "ProteinBatch",
     "ProteinDataset",
     "ProteinExample",
+    "backbone_problem",
     "collate",
     "decode_sequence",
     "encode_sequence",
     "his_tag_bounds",
     "merge_chains",
     "parse_structure",
+    "read_cluster_list",
     "token_batches",
     "trim_his_tag",
 ]
@@ -180,6 +183,17 @@ class ProteinExample:
             chain_index=remap[chain_index],
             chain_ids=[self.chain_ids[c] for c in kept],
         )
+
+
+def backbone_problem(example: ProteinExample) -> str | None:
+    """Why no residue of ``example`` can be designed or trained on, or None when at least one residue has all four
+    backbone atoms (N, CA, C, O). Such a chain would only ever be predicted as ``X`` (the reference skips batches
+    holding one, with a warning)."""
+    if example.residue_mask.any():
+        return None
+    if not np.isfinite(example.coords[:, 1]).all(axis=-1).any():
+        return "no CA atoms (no residue with a complete N/CA/C/O backbone)"
+    return "no residue with a complete N/CA/C/O backbone"
 
 
 def trim_his_tag(example: ProteinExample) -> ProteinExample:
@@ -466,6 +480,79 @@ def _split_counts(n: int, fractions: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+_MAX_NAMED = 20  # skipped files/chains named in one warning or error
+
+
+def _skip_summary(skipped: Sequence[tuple[str, str]]) -> str:
+    """``"a.pdb: corrupt ...; b.pdb: chain B: no CA atoms ..."`` for the first ``_MAX_NAMED`` skipped entries."""
+    text = "; ".join(f"{Path(path).name}: {reason}" for path, reason in skipped[:_MAX_NAMED])
+    if len(skipped) > _MAX_NAMED:
+        text += f"; ... and {len(skipped) - _MAX_NAMED} more"
+    return text
+
+
+def _warn_skipped(where, skipped: Sequence[tuple[str, str]], total: int, unit: str) -> None:
+    """One warning naming the skipped files/chains and why (the loaders' ``skipped`` lists all of them)."""
+    if skipped:
+        warnings.warn(f"{where}: skipped {len(skipped)} of {total} {unit}: {_skip_summary(skipped)}", stacklevel=3)
+
+
+def _cluster_key(value) -> str:
+    """A cluster id as compared across list.csv, the split files and a cluster list: integers by value (the
+    reference parses them with ``int``, so ``"007"`` is cluster 7), anything else as its stripped text."""
+    text = str(value).strip()
+    try:
+        return str(int(text))
+    except ValueError:
+        return text
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers and strings only: any class or function reference is refused."""
+
+    _SAFE = {("builtins", "set"), ("builtins", "frozenset")}  # how protocols < 4 write sets
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._SAFE:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read {what} ({exc})") from exc
+
+
+def read_cluster_list(path) -> set[str]:
+    """Cluster ids in ``path``: a text file with one id per line (ProteinMPNN's ``valid_clusters.txt``), or a pickle
+    of a dict whose keys are the ids (REED's ``cluster_seq_dict_removeX.pkl``: cluster -> sequence of the clusters
+    with AlphaFold3 embeddings) or of a list/set of ids. Pickles are read without executing code: only plain
+    containers of numbers and strings load."""
+    path = Path(path)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        if not path.is_file():
+            raise DataError(f"{path}: cluster list not found")
+        try:
+            with open(path, "rb") as fh:
+                obj = _PlainUnpickler(fh).load()
+        except Exception as exc:  # pickle raises many types on foreign or corrupt input
+            raise DataError(f"{path}: not a pickle of plain cluster ids ({type(exc).__name__}: {exc}); "
+                            "write the ids one per line to a .txt file instead") from exc
+        if not isinstance(obj, (dict, list, tuple, set, frozenset)):
+            raise DataError(f"{path}: expected a dict keyed by cluster id or a list of ids, got {type(obj).__name__}")
+        ids = list(obj)
+    else:
+        ids = _read_text(path, "cluster list").split()
+    bad = [i for i in ids if not isinstance(i, (int, str))]
+    if bad:
+        raise DataError(f"{path}: cluster ids must be integers or strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    return {_cluster_key(i) for i in ids}
+
+
 class ProteinDataset:
     """A list of :class:`ProteinExample` with ``names``, ``lengths`` and ``skipped`` (list of ``(path, reason)``)."""
 
@@ -539,8 +626,10 @@ class ProteinDataset:
     ) -> ProteinDataset:
         """All ``*.pdb, *.ent, *.cif, *.mmcif`` (and ``.gz``) files in ``path``, sorted by name.
 
-        ``mode="chain"``: one example per chain; ``"complex"``: one multi-chain example per file. Unreadable files
-        are warned about and listed in ``skipped``; examples longer than ``max_length`` are listed there too.
+        ``mode="chain"``: one example per chain; ``"complex"``: one multi-chain example per file. Unreadable files,
+        chains without any residue with a complete N/CA/C/O backbone (a complex keeps its other chains) and
+        examples longer than ``max_length`` are listed in ``skipped`` and named in one warning; a directory
+        where nothing is usable is a :class:`DataError` naming what was skipped and why.
         """
         if mode not in ("chain", "complex"):
             raise DataError(f"from_directory: mode must be 'chain' or 'complex', got {mode!r}")
@@ -550,25 +639,36 @@ class ProteinDataset:
         files = sorted(
             (p for p in root.iterdir() if structure_kind(p) is not None and p.is_file()), key=lambda p: p.name
         )
+        if not files:
+            raise DataError(f"{root}: no structure files (expected {', '.join(STRUCTURE_SUFFIXES)}, optionally .gz)")
         examples: list[ProteinExample] = []
         skipped: list[tuple[str, str]] = []
         for f in progress_bar(files, progress, f"reading {root.name}"):
             try:
                 chains = parse_structure(f, min_length=min_length)
             except DataError as exc:
-                warnings.warn(f"skipping {f}: {exc}", stacklevel=2)
-                skipped.append((str(f), str(exc)))
+                skipped.append((str(f), str(exc).removeprefix(f"{f}: ")))
                 continue
-            items = chains if mode == "chain" else [merge_chains(chains, _structure_stem(f))]
+            usable = []
+            for ex in chains:
+                problem = backbone_problem(ex)
+                if problem is None:
+                    usable.append(ex)
+                else:  # a chain without any complete backbone residue has nothing to learn from
+                    skipped.append((str(f), f"chain {ex.chain_ids[0]}: {problem}"))
+            if not usable:
+                continue
+            items = usable if mode == "chain" else [merge_chains(usable, _structure_stem(f))]
             for ex in items:
                 if max_length is not None and ex.length > max_length:
                     skipped.append((str(f), f"{ex.name}: length {ex.length} > max_length {max_length}"))
                 else:
                     examples.append(ex)
         if not examples:
-            raise DataError(
-                f"{root}: no usable protein structures ({len(files)} structure files, {len(skipped)} skipped)"
-            )
+            detail = f": {_skip_summary(skipped)}" if skipped else ""
+            raise DataError(f"{root}: no usable protein structures ({len(files)} structure files, "
+                            f"{len(skipped)} skipped{detail})")
+        _warn_skipped(root, skipped, len(examples) + len(skipped), "structure files/chains")
         return cls(examples, skipped)
 
     @classmethod
@@ -587,13 +687,20 @@ class ProteinDataset:
     ) -> ProteinDataset:
         """ProteinMPNN's ``pdb_2021aug02`` layout: one single-chain example per sequence cluster of ``split``.
 
-        ``root/{index}`` (CHAINID, DEPOSITION, RESOLUTION, HASH, CLUSTER, SEQUENCE) is filtered by
-        RESOLUTION <= max_resolution and len(SEQUENCE) <= max_length; clusters listed in ``valid_clusters.txt`` /
-        ``test_clusters.txt`` form the valid / test splits, all others train. ``member="first"`` takes a cluster's
-        first remaining row (as the reference), ``"random"`` a seeded random one. ``clusters`` optionally restricts
-        to a set of cluster ids (e.g. those with precomputed targets). Chains come from
-        ``root/pdb/{id[1:3]}/{id}_{chain}.pt``; His-tags are trimmed, chains under 4 residues and sequences with
-        letters outside the alphabet are dropped (as the reference); missing or unreadable files are warned about.
+        The index ``root/{index}`` (``list.csv``, or REED's ``list_filtered.csv``; an absolute path is used as is)
+        has the columns CHAINID, DEPOSITION, RESOLUTION, HASH, CLUSTER, SEQUENCE. Rows are kept when RESOLUTION <=
+        max_resolution and len(SEQUENCE) <= max_length (the reference's date cut, 2030-01-01, removes nothing).
+        A row's cluster decides its split as in the reference's ``build_training_clusters``: listed in
+        ``valid_clusters.txt`` -> valid, else listed in ``test_clusters.txt`` -> test, else train; cluster ids
+        compare as integers. ``clusters`` (ids, e.g. :func:`read_cluster_list` of REED's
+        ``cluster_seq_dict_removeX.pkl``: the clusters with AlphaFold3 embeddings) then keeps only the clusters of
+        the split that are also in it -- the intersection REED's training script takes (23346/1464/1539 ->
+        23079/1455/1533 train/valid/test clusters). ``member="first"`` takes a cluster's first remaining row (as
+        the reference), ``"random"`` a seeded random one. Chains come from ``root/pdb/{id[1:3]}/{id}_{chain}.pt``;
+        His-tags are trimmed; chains under 4 residues or with letters outside the alphabet are dropped (as the
+        reference), and so are chains with no complete backbone residue (the reference skips each batch holding
+        one) and missing or unreadable files. The skipped chains are listed in ``skipped`` and named in one
+        warning.
         """
         root = Path(root)
         if split not in ("train", "valid", "test"):
@@ -604,32 +711,49 @@ class ProteinDataset:
         if not list_path.is_file():
             raise DataError(f"{list_path}: index file not found (expected the pdb_2021aug02 layout under {root})")
 
-        def read_clusters(name: str) -> set[str]:
+        def read_split(name: str) -> set[str]:
             p = root / name
             if not p.is_file():
                 raise DataError(f"{p}: cluster list not found")
-            return {line.strip() for line in p.read_text().splitlines() if line.strip()}
+            return read_cluster_list(p)
 
-        valid_ids, test_ids = read_clusters("valid_clusters.txt"), read_clusters("test_clusters.txt")
-        keep = None if clusters is None else {str(c).strip() for c in clusters}
+        valid_ids, test_ids = read_split("valid_clusters.txt"), read_split("test_clusters.txt")
+        keep = None if clusters is None else {_cluster_key(c) for c in clusters}
 
         by_cluster: dict[str, list[str]] = {}
-        with open(list_path, newline="") as fh:
+        in_split_rows = 0
+        need = {"CHAINID", "RESOLUTION", "CLUSTER", "SEQUENCE"}
+        try:
+            fh = open(list_path, newline="", encoding="utf-8")
+        except OSError as exc:
+            raise DataError(f"{list_path}: cannot read index file ({exc})") from exc
+        try:
             reader = csv.DictReader(fh)
-            need = {"CHAINID", "RESOLUTION", "CLUSTER", "SEQUENCE"}
             if reader.fieldnames is None or not need <= set(reader.fieldnames):
-                raise DataError(f"{list_path}: missing columns {sorted(need - set(reader.fieldnames or []))}")
+                raise DataError(f"{list_path}: missing columns {sorted(need - set(reader.fieldnames or []))} "
+                                "(expected CHAINID, DEPOSITION, RESOLUTION, HASH, CLUSTER, SEQUENCE)")
             for line_no, row in enumerate(reader, start=2):
+                if any(row.get(k) is None for k in need):
+                    raise DataError(f"{list_path}:{line_no}: row has {len(row)} fields, fewer than the header")
                 try:
                     resolution = float(row["RESOLUTION"])
                 except (TypeError, ValueError) as exc:
                     raise DataError(f"{list_path}:{line_no}: bad RESOLUTION {row['RESOLUTION']!r}") from exc
                 if not resolution <= max_resolution or len(row["SEQUENCE"] or "") > max_length:
                     continue
-                cluster = str(row["CLUSTER"]).strip()
+                cluster = _cluster_key(row["CLUSTER"])
                 in_split = ("valid" if cluster in valid_ids else "test" if cluster in test_ids else "train") == split
+                in_split_rows += in_split
                 if in_split and (keep is None or cluster in keep):
                     by_cluster.setdefault(cluster, []).append(str(row["CHAINID"]).strip())
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DataError(f"{list_path}: not a CSV index file ({exc})") from exc
+        finally:
+            fh.close()
+        if not by_cluster:
+            why = (f"none of its {split} clusters is in the cluster list" if keep is not None and in_split_rows
+                   else f"no row of split {split!r} passes RESOLUTION <= {max_resolution} and length <= {max_length}")
+            raise DataError(f"{list_path}: no chains for split {split!r}: {why}")
 
         rng = np.random.default_rng(seed)
         chosen = []
@@ -644,20 +768,24 @@ class ProteinDataset:
             try:
                 ex = _load_mpnn_chain(pt, chain_name, pdb_id, chain)
             except DataError as exc:
-                warnings.warn(f"skipping {pt}: {exc}", stacklevel=2)
-                skipped.append((str(pt), str(exc)))
+                skipped.append((str(pt), str(exc).removeprefix(f"{pt}: ")))
                 continue
             ex = _trim_his_tag(ex)
+            problem = backbone_problem(ex)
             if ex.length < 4:
                 skipped.append((str(pt), f"{chain_name}: {ex.length} residues after His-tag trimming (< 4)"))
             elif ex.length > max_length:
                 skipped.append((str(pt), f"{chain_name}: length {ex.length} > max_length {max_length}"))
             elif any(a not in ALPHABET for a in ex.sequence):
                 skipped.append((str(pt), f"{chain_name}: sequence has letters outside {ALPHABET}"))
+            elif problem is not None:
+                skipped.append((str(pt), f"{chain_name}: {problem}"))
             else:
                 examples.append(ex)
         if not examples:
-            raise DataError(f"{root}: no usable chains for split {split!r} ({len(skipped)} skipped)")
+            raise DataError(f"{root}: no usable chains for split {split!r} ({len(skipped)} skipped: "
+                            f"{_skip_summary(skipped)})")
+        _warn_skipped(f"{root} ({split})", skipped, len(chosen), "cluster representatives")
         return cls(examples, skipped)
 
 

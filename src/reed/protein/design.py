@@ -13,8 +13,16 @@ from pathlib import Path
 import torch
 
 from reed.config import Config
+from reed.errors import DataError
 from reed.io import atomic_write_text, eval_mode, progress_bar
-from reed.protein.data import ProteinExample, collate, decode_sequence, encode_sequence, token_batches
+from reed.protein.data import (
+    ProteinExample,
+    backbone_problem,
+    collate,
+    decode_sequence,
+    encode_sequence,
+    token_batches,
+)
 from reed.protein.metrics import RecoveryAccumulator, perplexity
 from reed.sampling.masked import sample_masked
 
@@ -39,6 +47,10 @@ def design_sequences(model, cfg: Config, examples: Sequence[ProteinExample], *, 
     Designs are batched under the token budget and sampled together (one generator per batch), so they depend
     on ``seed`` and ``budget``.
     """
+    for ex in examples:
+        problem = backbone_problem(ex)
+        if problem is not None:
+            raise DataError(f"design_sequences: {ex.name}: {problem}")
     sc = cfg.protein.sample
     steps = steps or sc.steps
     temperature = sc.temperature if temperature is None else temperature
@@ -115,13 +127,15 @@ def write_fasta(designs: Sequence[dict], path: str | Path, sources: dict[str, st
 
 def read_fasta(path: str | Path) -> list[dict]:
     """Records {"name", "sequence", "fields": {key: value from the header}} of a FASTA file."""
-    from reed.errors import DataError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"FASTA file not found: {path}")
     records: list[dict] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read FASTA file ({exc})") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue

@@ -16,9 +16,10 @@ from reed.config import Config, build_from
 from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
+from reed.io import fingerprint
 from reed.objective import DenoiserOutput, Objective, ReedModule
 from reed.processes.masked import MaskedDiffusion
-from reed.protein.data import ProteinDataset, ProteinExample, collate
+from reed.protein.data import ProteinDataset, ProteinExample, collate, read_cluster_list
 from reed.protein.mpnn import MPNN_PRESETS, MPNNDenoiser, build_mpnn
 from reed.protein.targets.store import ProteinTargetStore
 
@@ -45,9 +46,19 @@ def load_splits(cfg: Config, progress: bool = False) -> dict[str, ProteinDataset
         raise ConfigError("config key 'protein.data.path' is required (a directory of PDB/mmCIF files or the "
                           "pdb_2021aug02 root)")
     if d.format == "pdb_2021aug02":
+        index, cluster_file = d.index_file(), d.cluster_file()
+        if not index.is_file():
+            hint = ("config key 'protein.data.chain_list'; REED's list_filtered.csv comes with its data"
+                    if d.chain_list else "is config key 'protein.data.path' the pdb_2021aug02 root?")
+            raise DataError(f"{index}: index file not found ({hint})")
+        if cluster_file is not None and not cluster_file.is_file():
+            raise DataError(f"{cluster_file}: cluster list not found (config key 'protein.data.cluster_list'; "
+                            "REED's cluster_seq_dict_removeX.pkl comes with its data)")
+        clusters = None if cluster_file is None else read_cluster_list(cluster_file)
         return {s: ProteinDataset.from_pdb_2021aug02(d.path, s, max_length=d.max_length,
                                                      max_resolution=d.max_resolution, member=d.member,
-                                                     seed=cfg.seed, progress=progress)
+                                                     seed=cfg.seed, progress=progress,
+                                                     index=d.chain_list or "list.csv", clusters=clusters)
                 for s in ("train", "valid", "test")}
     if len(d.split) != 3 or abs(sum(d.split) - 1.0) > 1e-6:
         raise ConfigError(f"config key 'protein.data.split' must be three fractions summing to 1, got {d.split}")
@@ -113,6 +124,10 @@ class ProteinTask:
         self.process = build_process(cfg)
         self.cfg = cfg
         return cfg
+
+    def fingerprint(self) -> str:
+        """The training set's fingerprint (stored in checkpoints; resuming on other data is refused)."""
+        return fingerprint([(ex.name, ex.sequence, ex.coords) for ex in self.train_set])
 
     def build_denoiser(self) -> MPNNDenoiser:
         den = build_mpnn_denoiser(self.cfg)

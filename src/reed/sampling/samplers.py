@@ -18,14 +18,16 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, *, null_class: int,
                     cfg_scale: float = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
-                    model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Velocity at scalar time ``t`` with classifier-free guidance when ``cfg_scale > 1`` and ``low <= t <= high``.
+                    model_dtype: torch.dtype = torch.float32, decide_at: float | None = None) -> torch.Tensor:
+    """Velocity at scalar time ``t`` with classifier-free guidance when ``cfg_scale > 1`` and
+    ``low <= decide_at <= high`` (``decide_at`` defaults to ``t``; Heun's corrector passes the step's start time).
 
     Guidance runs the batch as [x, x] with labels [y, null] and returns u + w (c - u). Output (B,...) in float64.
     """
     b = x.shape[0]
     xin = x.to(model_dtype)
-    if cfg_scale > 1.0 and guidance[0] <= t <= guidance[1]:
+    s = t if decide_at is None else decide_at
+    if cfg_scale > 1.0 and guidance[0] <= s <= guidance[1]:
         tt = torch.full((2 * b,), t, device=x.device, dtype=torch.float32)
         yy = torch.cat([y, torch.full_like(y, null_class)])
         out = model_fn(torch.cat([xin, xin]), tt, yy).to(torch.float64)
@@ -41,7 +43,10 @@ def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps
                model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Euler (or Heun) ODE from t=1 to t=0 on ``steps+1`` equally spaced times; returns x0 (B,...) in model_dtype.
 
-    Euler: x <- x + (t_next - t_cur) v(x, t_cur). Heun adds the trapezoid correction on all steps but the last.
+    Euler: x <- x + (t_next - t_cur) v(x, t_cur). Heun adds the trapezoid correction on all steps but the last;
+    as in the reference sampler, whether the corrector's v(x_next, t_next) is guided is decided at ``t_cur``, so a
+    step's predictor and corrector are both guided or both not (a guidance interval edge at ``t_next`` does not
+    split a step).
     """
     if steps < 1:
         raise ValueError(f"ode_sample: steps must be >= 1, got {steps}")
@@ -52,7 +57,7 @@ def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps
         v = guided_velocity(model_fn, x, t_cur, y, **kw)
         x_next = x + (t_next - t_cur) * v
         if heun and i < steps - 1:
-            v_next = guided_velocity(model_fn, x_next, t_next, y, **kw)
+            v_next = guided_velocity(model_fn, x_next, t_next, y, decide_at=t_cur, **kw)
             x_next = x + (t_next - t_cur) * 0.5 * (v + v_next)
         x = x_next
     return x.to(model_dtype)

@@ -50,7 +50,7 @@ from reed import __version__
 from reed.errors import ConfigError, DataError
 from reed.image.metrics.frechet import feature_stats, frechet_distance
 from reed.image.metrics.inception import PREPROCESSING, FIDInceptionV3, full_fp32, load_inception
-from reed.io import atomic_savez, pick_device, progress_bar
+from reed.io import PICKLE_REFUSED, atomic_savez, is_pickle_refusal, pick_device, progress_bar
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -120,7 +120,13 @@ class _ImageReader:
                 _check_images(np.empty((0, *shape[1:]), dtype), f"{path}:arr_0", shape)
                 self.n = int(shape[0])
         elif path.suffix == ".npy":
-            self.array = _check_images(np.load(path, mmap_mode="r"), str(path))
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # noqa: BLE001 - numpy raises several kinds for a bad .npy
+                if is_pickle_refusal(e):
+                    raise DataError(f"{path} {PICKLE_REFUSED}") from None
+                raise DataError(f"{path} is not a readable .npy file ({e})") from None
+            self.array = _check_images(arr, str(path))
             self.n = len(self.array)
         else:
             raise DataError(f"unsupported image source {path}: expected a .npz (arr_0), a .npy or a directory")
@@ -164,10 +170,18 @@ class _ImageReader:
                 yield [np.frombuffer(buf, dtype=dtype).reshape(b, *shape[1:]).astype(np.uint8, copy=False)]
 
 
+def require_uint8(dtype: np.dtype, name: str) -> None:
+    """Refuse sample / reference images that are not uint8 0..255: the networks read pixel values as 0..255 grey
+    levels, so float images (in [0, 1] or [-1, 1]) would be scored as nearly black pictures."""
+    if np.dtype(dtype) != np.uint8:
+        raise DataError(f"{name}: images must be uint8 0..255 (ADM layout), got dtype {np.dtype(dtype)}; convert "
+                        "them first, e.g. floats in [0, 1]: np.rint(x * 255).astype(np.uint8), in [-1, 1]: "
+                        "np.rint((x + 1) * 127.5).astype(np.uint8)")
+
+
 def _check_images(arr: np.ndarray, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     shape = tuple(arr.shape) if shape is None else tuple(shape)
-    if arr.dtype != np.uint8:
-        raise DataError(f"{name}: images must be uint8 in 0..255 (ADM layout), got dtype {arr.dtype}")
+    require_uint8(arr.dtype, name)
     if len(shape) != 4 or shape[-1] != 3:
         raise DataError(f"{name}: images must have shape (N, H, W, 3) (channels last, RGB), got {shape}")
     return arr
@@ -833,6 +847,10 @@ def evaluate(
     samples_info: dict[str, Any] = {"source": _describe(samples)}
     reference_info: dict[str, Any] = {"source": _describe(reference)}
 
+    n_samples = len(_ImageReader(samples))  # checks dtype / layout (npz: header only) before any network runs
+    if n_samples < 2:
+        raise DataError(f"{_describe(samples)} holds {n_samples} image(s); scoring needs at least 2 (FID fits a "
+                        "covariance)")
     sample_fp = None if isinstance(samples, np.ndarray) else source_fingerprint(samples)
     samples_info["fingerprint"] = sample_fp
     needs_reference = any(m in names for m in ("fid", "sfid", "pr", "fd_dinov2"))

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
+from reed.errors import DataError
+
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), covariance (D,D)) of features (N,D), in float64 (covariance with N-1)."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must be (N,D) with N >= 2, got {f.shape}")
+        raise DataError(f"features must be (N,D) with N >= 2 (a covariance needs two points), got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reed.errors import CheckpointError, ReedError
+from reed.io import file_sha256
 
 __all__ = [
     "INCEPTION_ENV",
@@ -425,14 +426,6 @@ def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
     return p
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state_fingerprint(module: nn.Module) -> str:
     h = hashlib.sha256()
     for key, t in sorted(module.state_dict().items()):
@@ -494,6 +487,6 @@ def load_inception(path: str | os.PathLike | None = None, *, device: str | torch
     model.load_state_dict(given, strict=False)  # only num_batches_tracked may be left out
     model = model.float().to(device)
     model.weights_path = str(file.resolve())
-    model.file_sha256 = _sha256_file(file)
+    model.file_sha256 = file_sha256(file)
     model.fingerprint = f"fid-inception-v3:{_state_fingerprint(model)}"
     return model

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from reed.errors import DataError
 from reed.image.metrics.frechet import feature_stats, frechet_distance
-from reed.io import atomic_save_safetensors, atomic_write_text
+from reed.io import atomic_save_safetensors, atomic_write_text, read_npz
 
 EVALUATOR_SEED = 12345  # fixed and distinct from training seeds
 
@@ -94,8 +95,16 @@ class InDomainEvaluator:
         return torch.cat([self.classifier.features(x[i : i + batch_size].float())
                           for i in range(0, len(x), batch_size)]).numpy()
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.config["num_classes"])
+
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        if len(samples) < 2:
+            raise DataError(f"in-domain scoring needs at least 2 samples (FD fits a covariance), got {len(samples)}")
+        if labels is not None:
+            check_labels(labels, len(samples), self.num_classes, "sample labels")
         feats = self.features(samples)
         mu, sigma = feature_stats(feats)
         out = {"fd": frechet_distance(mu, sigma, self.real_mu, self.real_sigma), "num_samples": int(len(samples))}
@@ -104,6 +113,40 @@ class InDomainEvaluator:
                               for i in range(0, len(samples), 1024)])
             out["accuracy"] = float((pred == labels.cpu()).float().mean())
         return out
+
+
+def check_labels(labels: np.ndarray | torch.Tensor, n: int, num_classes: int, what: str) -> None:
+    """Refuse class labels that are not (n,) integers in [0, num_classes) (the evaluator's classes)."""
+    y = np.asarray(labels.cpu() if torch.is_tensor(labels) else labels)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{what} must be (N,) integers with N={n} like the images, got {y.dtype} {y.shape}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(y[(y < 0) | (y >= num_classes)][0])
+        raise DataError(f"{what} hold class {bad}, outside the evaluator's classes 0..{num_classes - 1} of the run's "
+                        "data set")
+
+
+def load_samples(path: str | Path, num_classes: int, shape: tuple[int, int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Samples of an ADM-layout ``.npz`` written by ``reed sample`` (``arr_0`` uint8 (N,H,W,C), optional ``arr_1``
+    labels (N,)) as (N,C,H,W) float32 in [-1,1] and int64 labels (or None), for an evaluator of ``num_classes``
+    classes on images of ``shape`` (C,H,W). Refuses (DataError naming the file) pickles / object arrays, non-uint8
+    images, a shape other than ``shape``, fewer than 2 samples and labels outside [0, num_classes)."""
+    from reed.image.metrics.adm import require_uint8
+
+    d = read_npz(path, "sample batch (arr_0 uint8 (N,H,W,C), as `reed sample` writes)", required=("arr_0",))
+    imgs, labels = d["arr_0"], d.get("arr_1")
+    require_uint8(imgs.dtype, f"{path}:arr_0")
+    if imgs.ndim != 4 or tuple(imgs.shape[3:] + imgs.shape[1:3]) != tuple(shape):
+        c, h, w = shape
+        raise DataError(f"{path}:arr_0 has shape {imgs.shape}; the run's images need (N, {h}, {w}, {c}) "
+                        "(channels last)")
+    if len(imgs) < 2:
+        raise DataError(f"{path} holds {len(imgs)} sample(s); scoring needs at least 2 (FD fits a covariance)")
+    if labels is not None:
+        check_labels(labels, len(imgs), num_classes, f"{path}: labels arr_1")
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, (torch.from_numpy(labels.astype(np.int64)) if labels is not None else None)
 
 
 def evaluator_for(ds, cache_dir: str | Path = ".cache/reed") -> InDomainEvaluator:

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 from reed.config import TargetConfig
 from reed.errors import DataError
 from reed.image.data import ImageDataset
-from reed.store import TargetStore, TargetStoreWriter
+from reed.io import PICKLE_REFUSED, is_pickle_refusal
+from reed.store import TargetStore, TargetStoreWriter, check_target_values
 
 
 def _cache_path(cache_dir: Path, tg: TargetConfig, key: str, data_fp: str) -> Path:
@@ -35,7 +36,9 @@ def _cached(path: Path, tg: TargetConfig, key: str, ds: ImageDataset, compute) -
     """The (N, ...) float32 targets in the target store at ``path``; when the store is not there they are computed by
     ``compute()``, stored (one float32 shard; the encoder key and data fingerprint in its manifest) and returned."""
     if (path / "manifest.json").is_file():
-        return TargetStore(path, expect_count=len(ds), expect_dataset=ds.fingerprint).get(np.arange(len(ds)))
+        # values are checked by the caller's validate_target (scanning here too would warn twice)
+        return TargetStore(path, expect_count=len(ds), expect_dataset=ds.fingerprint,
+                           scan=False).get(np.arange(len(ds)))
     z = validate_target(tg, compute(), len(ds), str(path))
     w = TargetStoreWriter(path, source=tg.source, count=len(z), shape=tuple(z.shape[1:]), dtype="float32",
                           shard_size=max(len(z), 1), weights_fingerprint=key, dataset_fingerprint=ds.fingerprint,
@@ -105,12 +108,17 @@ def load_array(path: str | Path) -> torch.Tensor:
         else:
             arr = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - corrupt files raise many kinds
+        if is_pickle_refusal(e):
+            raise DataError(f"target file {p} {PICKLE_REFUSED}") from None
         raise DataError(f"target file {p} is corrupt or unreadable ({e})") from None
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(f"target file {p} holds a {arr.dtype} array; targets must be real numbers (float32/float16)")
     return torch.from_numpy(np.asarray(arr, dtype=np.float32))
 
 
 def validate_target(tg: TargetConfig, z: torch.Tensor, n: int, source: str) -> torch.Tensor:
-    """Check a target tensor against the config and data set; returns it as float32."""
+    """Check a target tensor (N,T,D) / (N,D) against the config and data set, and its values
+    (:func:`reed.store.check_target_values`); returns it as float32."""
     want = 3 if tg.kind == "tokens" else 2
     if z.dim() != want:
         layout = "(N,T,D)" if want == 3 else "(N,D)"
@@ -121,8 +129,7 @@ def validate_target(tg: TargetConfig, z: torch.Tensor, n: int, source: str) -> t
     if tg.dim is not None and z.shape[-1] != tg.dim:
         raise DataError(f"target '{tg.name}' from {source} has dimension {z.shape[-1]}, but the config says "
                         f"targets.dim={tg.dim}")
-    if not torch.isfinite(z).all():
-        raise DataError(f"target '{tg.name}' from {source} contains NaN or inf values")
+    check_target_values(z, f"target '{tg.name}' from {source}")  # NaN/inf, fp32 norm overflow, zero vectors
     return z.float()
 
 
@@ -135,6 +142,11 @@ class TensorTargets:
     @property
     def dim(self) -> int:
         return int(self.z.shape[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example's target: (T, D) or (D,)."""
+        return tuple(self.z.shape[1:])
 
     def get(self, indices) -> torch.Tensor:
         return self.z[indices]
@@ -184,6 +196,11 @@ class StoreTargets:
     def dim(self) -> int:
         return self.store.dim
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example's target: (T, D) or (D,)."""
+        return tuple(self.store.shape)
+
     def get(self, indices) -> torch.Tensor:
         z = self.store.get(indices)
         if not torch.isfinite(z).all():
@@ -198,7 +215,7 @@ class OnlineEncoderTargets:
         from reed.image.targets.encoders import load_image_encoder
 
         self.tg, self.ds = tg, ds
-        res = ds.raw_images([0]).shape[-1]
+        res = self.resolution = ds.raw_images([0]).shape[-1]
         try:
             self.encoder = load_image_encoder(tg.encoder, tg.path, resolution=res, device=device)
         except (FileNotFoundError, ValueError) as e:
@@ -208,6 +225,13 @@ class OnlineEncoderTargets:
     @property
     def dim(self) -> int:
         return int(self.encoder.dim)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one example's target: (T, D) or (D,)."""
+        if self.tg.kind == "pooled":
+            return (self.dim,)
+        return (int(self.encoder.num_tokens(self.resolution)), self.dim)
 
     @torch.no_grad()
     def get(self, indices) -> torch.Tensor:
