@@ -1,10 +1,12 @@
 """Reliability as a figure: kill training with SIGKILL at random moments, resume each time, compare with the
 uninterrupted run.
 
-One uninterrupted reference run, then a faulty run of the same config that is killed ``--kills`` times and resumed
-(``reed train --resume``) after each kill until it finishes. Half of the kills come at a uniformly random moment of
-the process's life (start-up, target preparation, training, saving); the other half wait for a checkpoint save to
-begin (its temporary directory appears in ``checkpoints/``) and kill a random 0-3 ms later, i.e. inside the save.
+One uninterrupted reference run, then faulty runs of the same config, each killed and resumed (``reed train
+--resume``, as a preemptible job would) until it finishes, compared with the reference, and started again, until
+``--kills`` kills in all. The kills take turns at three kinds of moment: a uniformly random moment of the
+start-up (imports, data, targets, model; before the first step), a uniformly random moment of the remaining
+training steps (after the process logged its first step; saves between steps included), and inside a checkpoint
+save (waiting for the save's temporary directory to appear in ``checkpoints/``, then a random 0-3 ms).
 A kill counts as "inside a save" when the save's temporary directory was there after the process died.
 
 Recorded: kills, kills inside a save, exit codes of every resume (a resume that fails is a lost run), whether the
@@ -12,7 +14,7 @@ final loss curve (every logged value of every step) and the final model/EMA/opti
 run's bit for bit, the bytes of temporary leftovers found after each kill (removed by the next start) and the bytes
 left behind at the end.
 
-    python benchmarks/faults.py [--kills 20] [--steps 120] [--seed 0] [--out benchmarks/results]
+    python benchmarks/faults.py [--kills 30] [--steps 120] [--seed 0] [--out benchmarks/results]
 
 Writes ``<out>/faults.json`` and ``<out>/faults.png``. Run it alone (it measures correctness, not speed, but a
 busy machine makes it slow).
@@ -35,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+MODES = ("start-up", "save", "training")  # where the kills land, in turn
 
 
 def overrides(work: Path, steps: int) -> list[str]:
@@ -77,6 +80,32 @@ def kill_at_random(cmd: list[str], delay: float) -> tuple[int, bool]:
         return proc.returncode, True
 
 
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def kill_in_training(cmd: list[str], metrics: Path, delay: float, timeout: float) -> tuple[int, bool]:
+    """Start ``cmd``, wait until it logs its first training step, then SIGKILL it ``delay`` s later."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    before, t_end = _lines(metrics), time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < t_end:
+        if _lines(metrics) > before or (before and _lines(metrics) < before):  # a fresh start rewrites the file
+            try:
+                proc.wait(timeout=delay)
+                return proc.returncode, False
+            except subprocess.TimeoutExpired:
+                break
+        time.sleep(0.002)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return proc.returncode, True
+    return proc.returncode, False
+
+
 def kill_in_save(cmd: list[str], ck_dir: Path, rng: random.Random, timeout: float) -> tuple[int, bool]:
     """Start ``cmd`` and SIGKILL it 0-3 ms after a checkpoint's temporary directory appears."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -96,6 +125,10 @@ def kill_in_save(cmd: list[str], ck_dir: Path, rng: random.Random, timeout: floa
         proc.wait()
         return proc.returncode, True
     return proc.returncode, False
+
+
+def curve_with_time(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def curve(run: Path) -> list[dict]:
@@ -122,13 +155,13 @@ def plot(result: dict, path: Path) -> None:
 
     ev = result["events"]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    for kind, marker, colour in (("random", "o", "tab:blue"), ("save", "x", "tab:red")):
+    for kind, marker, colour in (("start-up", "o", "tab:blue"), ("training", "s", "tab:green"),
+                                 ("save", "x", "tab:red")):
         xs = [i for i, e in enumerate(ev) if e["mode"] == kind]
-        ys = [ev[i]["resumed_from_step"] for i in xs]
-        label = "kill at a random moment" if kind == "random" else "kill inside a save"
-        ax.scatter(xs, ys, marker=marker, c=colour, label=label)
+        ys = [ev[i]["newest_checkpoint_after_kill"] for i in xs]
+        ax.scatter(xs, ys, marker=marker, c=colour, label=f"kill aimed at: {kind}")
     ax.set_xlabel("kill")
-    ax.set_ylabel("checkpoint step resumed from")
+    ax.set_ylabel("newest checkpoint after the kill")
     s = result["summary"]
     ax.set_title(f"{s['kills']} kills ({s['kills_inside_save']} inside a save): curve identical "
                  f"{s['curve_bit_identical']}, left behind {s['bytes_left_behind']} B", fontsize=9)
@@ -140,7 +173,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--kills", type=int, default=30)
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -154,69 +187,80 @@ def main() -> None:
     subprocess.run(reed("fit-encoder", str(DEMO), *ov, "image.fit.steps=40"), env=env(), check=True,
                    stdout=subprocess.DEVNULL)
     ref, run = work / "reference", work / "faulty"
+    # once to fill the target cache, so the timed reference starts up as the faulty runs do (from the cache)
+    subprocess.run(reed("train", str(DEMO), *ov, "train.steps=1", "--out", str(work / "cache_fill")), env=env(),
+                   check=True, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
-    subprocess.run(reed("train", str(DEMO), *ov, "--out", str(ref)), env=env(), check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(reed("train", str(DEMO), *ov, "--out", str(ref)), env=env(), stdout=subprocess.DEVNULL)
+    startup_s = None  # seconds from the process start to its first logged step, measured on the reference
+    while proc.poll() is None:
+        if startup_s is None and _lines(ref / "metrics.jsonl") > 0:
+            startup_s = time.perf_counter() - t0
+        time.sleep(0.002)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the reference run failed (exit code {proc.returncode})")
     ref_wall = time.perf_counter() - t0
+    startup_s = startup_s or ref_wall
+    step_s = (ref_wall - startup_s) / a.steps  # training steps with their saves (and the run's final plot)
 
-    events, failures = [], []
-    first, restarts = True, 0
+    from reed.checkpoint import list_checkpoints, resolve_checkpoint
+
+    def compare(cycle: int) -> dict:
+        """The finished faulty run against the reference: loss curve and final tensors, leftovers."""
+        return {"cycle": cycle, "curve_bit_identical": curve(ref) == curve(run),
+                "tensors_bit_identical": same_tensors(resolve_checkpoint(ref), resolve_checkpoint(run)),
+                "steps_compared": len(curve(run)), "bytes_left_behind": sum(size(p) for p in temps(run))}
+
+    events, failures, cycles = [], [], []
+    # the preemptible-job pattern: always --resume (a start without a checkpoint begins at step 0)
+    cmd = reed("train", str(DEMO), *ov, "--out", str(run), "--resume")
     while len(events) < a.kills:
-        # the preemptible-job pattern: always --resume (a start without a checkpoint begins at step 0)
-        cmd = reed("train", str(DEMO), *ov, "--out", str(run), "--resume")
-        ck = run / "checkpoints"
-        from reed.checkpoint import resolve_checkpoint
-
-        try:
-            resumed = int(resolve_checkpoint(run).name.split("_")[1]) if not first else 0
-        except Exception:
-            resumed = 0
-        mode = "save" if len(events) % 2 else "random"
-        if mode == "random":
-            rc, killed = kill_at_random(cmd, rng.uniform(0.5, ref_wall))
+        found = list_checkpoints(run)
+        resumed = int(found[-1].name.split("_")[1]) if found else 0
+        mode = MODES[len(events) % len(MODES)]
+        if mode == "start-up":  # a random moment before the first step: imports, data, targets, model
+            rc, killed = kill_at_random(cmd, rng.uniform(0.2, startup_s))
+        elif mode == "training":  # a random moment of the remaining steps (and the saves between them)
+            rc, killed = kill_in_training(cmd, run / "metrics.jsonl", rng.uniform(0, (a.steps - resumed) * step_s),
+                                          timeout=3 * ref_wall)
         else:
-            rc, killed = kill_in_save(cmd, ck, rng, timeout=3 * ref_wall)
-        first = False
+            rc, killed = kill_in_save(cmd, run / "checkpoints", rng, timeout=3 * ref_wall)
         if not killed:
             if rc != 0:
                 failures.append({"event": len(events), "exit_code": rc})
-            if rc == 0:
-                # finished before the kill: start the faulty run again so every kill interrupts something
+            else:  # this faulty run finished: compare it, then start the next cycle
+                cycles.append(compare(len(cycles)))
                 shutil.rmtree(run)
-                first = True
-                restarts += 1
             continue
         left = temps(run)
-        events.append({"mode": mode, "resumed_from_step": resumed, "inside_save": any(p.is_dir() for p in left),
-                       "leftover_bytes": sum(size(p) for p in left)})
-    # finish: resume until done
-    cmd = reed("train", str(DEMO), *ov, "--out", str(run), "--resume")
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+        after = list_checkpoints(run)
+        events.append({"mode": mode, "cycle": len(cycles), "resumed_from_step": resumed,
+                       "newest_checkpoint_after_kill": int(after[-1].name.split("_")[1]) if after else 0,
+                       "inside_save": any(p.is_dir() for p in left), "leftover_bytes": sum(size(p) for p in left)})
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True)  # finish the last cycle
     if proc.returncode != 0:
         failures.append({"event": "final", "exit_code": proc.returncode, "stderr": proc.stderr[-500:]})
-    a_curve, b_curve = curve(ref), curve(run)
-    identical = a_curve == b_curve
-    from reed.checkpoint import resolve_checkpoint
-
-    tensors_identical = same_tensors(resolve_checkpoint(ref), resolve_checkpoint(run))
-    left_behind = sum(size(p) for p in temps(run))
+    else:
+        cycles.append(compare(len(cycles)))
     summary = {
         "kills": len(events),
         "kills_inside_save": sum(e["inside_save"] for e in events),
         "failed_resumes": len(failures),
-        "curve_bit_identical": identical,
-        "final_tensors_bit_identical": tensors_identical,
-        "steps_compared": len(b_curve),
+        "runs_completed": len(cycles),
+        "curve_bit_identical": bool(cycles) and all(c["curve_bit_identical"] for c in cycles),
+        "final_tensors_bit_identical": bool(cycles) and all(c["tensors_bit_identical"] for c in cycles),
+        "steps_compared": sum(c["steps_compared"] for c in cycles),
         "max_leftover_bytes_after_a_kill": max((e["leftover_bytes"] for e in events), default=0),
-        "bytes_left_behind": left_behind,
-        "runs_finished_before_a_kill": restarts,
+        "bytes_left_behind": sum(c["bytes_left_behind"] for c in cycles),
     }
     result = {
         "benchmark": "faults",
         "settings": {"config": "configs/demo.yaml", "overrides": [o.replace(str(work), "<work>") for o in ov],
                      "kills": a.kills, "steps": a.steps, "seed": a.seed, "reference_wall_s": round(ref_wall, 2),
+                     "reference_startup_s": round(startup_s, 2),
                      "python": platform.python_version(), "machine": platform.machine(),
                      "cpus": os.cpu_count()},
-        "summary": summary, "failures": failures, "events": events,
+        "summary": summary, "failures": failures, "cycles": cycles, "events": events,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

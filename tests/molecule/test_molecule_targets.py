@@ -216,6 +216,9 @@ def test_load_names_the_first_non_finite_molecule(qm9, encoder, tmp_path):
     np.savez(tmp_path / "inf.npz", **bad)
     with pytest.raises(DataError, match="molecule index 5"):
         load_molecule_targets(tmp_path / "inf.npz", ds)
+    np.savez(tmp_path / "zero.npz", **dict(arrays, pooled=np.zeros_like(arrays["pooled"])))
+    with pytest.raises(DataError, match=r"zero.npz: pooled target: all 30 target vectors have zero"):
+        load_molecule_targets(tmp_path / "zero.npz", ds)
     np.savez(tmp_path / "nokey.npz", pooled=arrays["pooled"])
     with pytest.raises(DataError, match="fingerprint"):
         load_molecule_targets(tmp_path / "nokey.npz", ds)

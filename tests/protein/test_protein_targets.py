@@ -97,6 +97,16 @@ def test_large_magnitude_does_not_overflow(tmp_path):
     np.testing.assert_allclose(got, x, rtol=1e-3)
 
 
+def test_all_zero_target_is_refused_and_some_zero_rows_warn(tmp_path):
+    w = ProteinTargetWriter(tmp_path)
+    with pytest.raises(DataError, match=r"protein target 'z', kind 'single': all 3 target vectors have zero"):
+        w.add("z", "AAA", {"single": np.zeros((3, 4), np.float32)})
+    x = np.ones((3, 4), np.float32)
+    x[1] = 0
+    with pytest.warns(UserWarning, match=r"protein target 'p', kind 'single': 1 of 3 target vectors have zero"):
+        w.add("p", "AAA", {"single": x})
+
+
 def test_add_validation(tmp_path):
     w = ProteinTargetWriter(tmp_path)
     with pytest.raises(DataError, match=r"'c1'.*single.*sequence length 4"):

@@ -68,7 +68,7 @@ from reed.molecule.batch import MoleculeBatch, collate, uniform_rotation
 from reed.molecule.chem import Molecule
 from reed.molecule.dataset import MoleculeDataset
 from reed.molecule.nets import MoleculeDenoiser, masked_mean_pool
-from reed.store import TargetStore, TargetStoreWriter
+from reed.store import TargetStore, TargetStoreWriter, check_target_values
 
 __all__ = [
     "FittedMoleculeEncoder",
@@ -865,6 +865,7 @@ def load_molecule_targets(path, dataset: MoleculeDataset) -> dict:
     if bad.size:
         raise DataError(f"{path}: non-finite pooled target for molecule index {int(bad[0])} "
                         f"({bad.size} molecule(s) affected)")
+    check_target_values(pooled, f"{path}: pooled target")
     out: dict[str, Any] = {
         "pooled": torch.from_numpy(pooled.astype(np.float32)),
         "encoder": str(d.get("encoder", "")),
@@ -884,6 +885,7 @@ def load_molecule_targets(path, dataset: MoleculeDataset) -> dict:
             raise DataError(
                 f"{path}: non-finite per-atom target for molecule index {mol} (atom row {int(bad_atoms[0])})"
             )
+        check_target_values(atoms, f"{path}: per-atom target")
         out["atoms"] = torch.from_numpy(atoms.astype(np.float32))
         out["offsets"] = torch.from_numpy(offsets)
     return out

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from reed.errors import DataError
 from reed.io import atomic_savez, atomic_write_text, is_temp_name
+from reed.store import check_target_values
 
 FORMAT = "reed-protein-targets"
 VERSION = 1
@@ -215,6 +216,7 @@ class ProteinTargetWriter:
                                 f"(expected shape {[L] * (want - 1) + ['D']}, got {list(a.shape)})")
             if not np.isfinite(a).all():
                 raise DataError(f"{where}: array contains NaN or inf ({int((~np.isfinite(a)).sum())} entries)")
+            check_target_values(a, where)  # all-zero vectors (cosine undefined), norms that overflow
             shapes[kind] = tuple(int(s) for s in a.shape)
         self._check_kinds(name, shapes, self.root)
 
