@@ -11,18 +11,33 @@ from reed.errors import ConfigError
 from reed.io import atomic_write_text, pick_device
 
 
+def fit_dataset(cfg):
+    """The images ``reed fit-encoder`` fits on: the training set, or ``image.fit.world_size`` images of a
+    procedural world's encoder-fitting range."""
+    from reed.image.data import load_dataset
+
+    d, n = cfg.image.data, cfg.image.fit.world_size
+    if n <= 0:
+        return load_dataset(d)
+    if d.name != "shapes":
+        raise ConfigError(f"image.fit.world_size={n} needs a procedural world (image.data.name=shapes), not "
+                          f"'{d.name}'; leave it 0 to fit on the training images")
+    from reed.image.shapes import load_shapes
+
+    return load_shapes(n, seed=d.seed, resolution=d.resolution, role="encoder")
+
+
 def cmd_fit_encoder(args, cfg) -> int:
     """``reed fit-encoder CONFIG``: a VICReg CNN per ``fitted_encoder`` target, fitted on the run's images."""
     import torch
 
-    from reed.image.data import load_dataset
     from reed.image.targets.fitted_encoder import fit_encoder, linear_probe_accuracy, save_encoder
 
     todo = [t for t in cfg.targets if t.source == "fitted_encoder"]
     if not todo:
         print("no target with source 'fitted_encoder' in the config; nothing to fit")
         return 0
-    ds = load_dataset(cfg.image.data)
+    ds = fit_dataset(cfg)
     pixels = ds.pixels(torch.arange(len(ds)))  # (N,C,H,W) in [-1,1]
     for tg in todo:
         out = Path(tg.path)

@@ -23,10 +23,15 @@ class DataConfig:
     ``name='npz'``: a user file with ``images`` (N,H,W[,C]) uint8 or (N,C,H,W) float in [-1,1] and ``labels`` (N,).
     ``name='images'``: a directory written by ``reed prepare images`` (uint8 shards), trained in pixel space.
     ``name='latents'``: a directory written by ``reed prepare latents`` (VAE posterior mean/std, resampled each step).
+    ``name='shapes'``: the procedural world of :mod:`reed.image.shapes` (the yardstick's data): ``size`` images of
+    its training range drawn with ``seed`` at ``resolution`` (16 or 32), generated on the fly.
     """
 
-    name: Literal["digits", "npz", "images", "latents"] = "digits"
+    name: Literal["digits", "npz", "images", "latents", "shapes"] = "digits"
     path: str | None = None
+    size: int = 4000
+    seed: int = 0
+    resolution: int = 16
 
 
 @dataclass
@@ -79,7 +84,10 @@ class SampleConfig:
 
 @dataclass
 class FitConfig:
-    """``reed fit-encoder``: a small CNN fitted with VICReg on the training images (for ``fitted_encoder`` targets)."""
+    """``reed fit-encoder``: a small CNN fitted with VICReg (for ``fitted_encoder`` targets), on the training images
+    or, with ``world_size`` > 0 and a procedural world (``image.data.name=shapes``), on that many images of the
+    world's own encoder-fitting range (disjoint from the training images: an encoder that knows more than the
+    generator's data, as a pretrained one does)."""
 
     dim: int = 64
     width: int = 64
@@ -87,6 +95,7 @@ class FitConfig:
     steps: int = 300
     batch_size: int = 256
     lr: float = 1e-3
+    world_size: int = 0
 
 
 @dataclass

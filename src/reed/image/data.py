@@ -129,6 +129,13 @@ def load_dataset(cfg: DataConfig):
 
         imgs, labels = load_digits_arrays()
         return ImageDataset("digits", torch.from_numpy(imgs), torch.from_numpy(labels), 10)
+    if cfg.name == "shapes":
+        from reed.image.shapes import RESOLUTIONS, load_shapes
+
+        if cfg.size < 2 or cfg.resolution not in RESOLUTIONS:
+            raise DataError(f"image.data.name=shapes needs image.data.size >= 2 and image.data.resolution in "
+                            f"{RESOLUTIONS}, got size={cfg.size}, resolution={cfg.resolution}")
+        return load_shapes(cfg.size, seed=cfg.seed, resolution=cfg.resolution)
     if cfg.name == "npz":
         if not cfg.path:
             raise DataError("image.data.path is required for image.data.name=npz")
