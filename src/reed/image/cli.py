@@ -242,7 +242,18 @@ def cmd_evaluate(args) -> int:
 
         result["standard"] = evaluate(samples, args.ref, inception=args.inception, dinov2=args.dinov2,
                                       metrics=args.metrics, batch_size=args.batch_size, extra=sampling)
-    if args.run:
+    if args.run and cfg.image.data.name == "shapes":
+        from reed.image.metrics.shapes_eval import shapes_evaluator
+
+        ev = shapes_evaluator(cfg.image.data, cfg.train.cache_dir)
+        if y is None:
+            raise ConfigError(f"{samples} has no labels (arr_1); shapes scoring compares each sample with its label")
+        result["in_domain"] = {**ev(x, y), "real_held_out": ev.real(len(x)),
+                               "evaluator_held_out_accuracy": ev.held_out_accuracy, "data": "shapes",
+                               "definition": "the shapes world's attribute evaluator (reed.image.metrics."
+                               "shapes_eval): FD against held-out real images, label/attribute accuracy, "
+                               "malformed fraction, attribute TV; real_held_out: what real images score (the floor)"}
+    elif args.run:
         from reed.image.metrics.indomain import evaluator_for
 
         ev = evaluator_for(ds, cfg.train.cache_dir)

@@ -7,7 +7,8 @@ compositional attributes
     count       1 or 2
     colour      red, green, blue, yellow, magenta, cyan   (per object)
     size        small or large                            (per object)
-    relation    for two objects: the first is above / below / left of / right of the second
+    relation    for two objects: the first is above or left of the second (in line with it, so the relation
+                and which object is "first" can be read off the image)
     position    uniform where the relation allows
     background  dark or light
 
@@ -36,7 +37,7 @@ COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 SIZES: tuple[str, ...] = ("small", "large")
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"dark": (25, 25, 35), "light": (200, 200, 190)}
 BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
-RELATIONS: tuple[str, ...] = ("none", "above", "below", "left of", "right of")
+RELATIONS: tuple[str, ...] = ("none", "above", "left of")
 NUM_CLASSES = 2 * len(SHAPES)
 CLASS_NAMES: tuple[str, ...] = tuple(f"{'one' if c == 1 else 'two'} {s}{'s' if c == 2 else ''}"
                                      for s in SHAPES for c in (1, 2))
@@ -94,7 +95,7 @@ def _choice(u: np.ndarray, k: int) -> np.ndarray:
 
 
 def _radius(size: np.ndarray, res: int) -> np.ndarray:
-    return np.where(size == 1, 0.23, 0.14) * res  # large, small (16 px: 3.7 and 2.2 px)
+    return np.where(size == 1, 0.25, 0.17) * res  # large, small (16 px: 4.0 and 2.7 px)
 
 
 def draw_attributes(indices: np.ndarray, seed: int = 0, resolution: int = 16) -> dict[str, np.ndarray]:
@@ -109,7 +110,7 @@ def draw_attributes(indices: np.ndarray, seed: int = 0, resolution: int = 16) ->
     size = np.stack([_choice(u["size0"], 2), _choice(u["size1"], 2)], 1)
     colour[~two, 1] = -1
     size[~two, 1] = -1
-    relation = np.where(two, 1 + _choice(u["relation"], 4), 0)
+    relation = np.where(two, 1 + _choice(u["relation"], 2), 0)
     background = _choice(u["background"], 2)
     r = _radius(size, resolution)  # (n, 2); the value of a missing object is unused
     centre = np.full((n, 2, 2), np.nan)
@@ -123,16 +124,16 @@ def draw_attributes(indices: np.ndarray, seed: int = 0, resolution: int = 16) ->
     one = ~two
     centre[one, 0, 0] = span(*full, r[one, 0], u["x0"][one])
     centre[one, 0, 1] = span(*full, r[one, 0], u["y0"][one])
-    # two objects: the first in the half the relation names, the second in the other half
-    for rel, axis, first_low in ((1, 1, True), (2, 1, False), (3, 0, True), (4, 0, False)):
+    # two objects: the first in the upper (above) or left (left of) half, the second in the other half, both within
+    # a band of res/8 on the other axis so that the relation is unambiguous
+    for rel, axis in ((1, 1), (2, 0)):
         m = relation == rel
-        half = (0.0, res / 2), (res / 2, res)
-        a_half, b_half = (half[0], half[1]) if first_low else (half[1], half[0])
         other = 1 - axis
-        centre[m, 0, axis] = span(*a_half, r[m, 0], u["y0" if axis else "x0"][m])
-        centre[m, 1, axis] = span(*b_half, r[m, 1], u["y1" if axis else "x1"][m])
+        centre[m, 0, axis] = span(0.0, res / 2, r[m, 0], u["y0" if axis else "x0"][m])
+        centre[m, 1, axis] = span(res / 2, res, r[m, 1], u["y1" if axis else "x1"][m])
         centre[m, 0, other] = span(*full, r[m, 0], u["x0" if axis else "y0"][m])
-        centre[m, 1, other] = span(*full, r[m, 1], u["x1" if axis else "y1"][m])
+        band = centre[m, 0, other] + (u["x1" if axis else "y1"][m] - 0.5) * res / 4
+        centre[m, 1, other] = np.clip(band, r[m, 1], res - r[m, 1])
     return {"shape": shape, "count": count, "colour": colour, "size": size, "relation": relation,
             "background": background, "centre": centre}
 
