@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import sample_euler, steps_to_reach
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("sit", "repa", "reed")
@@ -46,7 +46,6 @@ def study_variants(steps: int) -> dict[str, list[str]]:
 def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, device: str) -> list[dict]:
     from reed.checkpoint import list_checkpoints
     from reed.domains import load_denoiser
-    from reed.sampling import sample
 
     out = []
     for ck in list_checkpoints(run):
@@ -55,29 +54,10 @@ def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, devi
         c, s, k = cfg.image.model.in_channels, cfg.image.model.input_size, cfg.image.model.num_classes
         y = torch.arange(num) % k
         noise = torch.randn(num, c, s, s, generator=g)
-        xs = []
-        for i in range(0, num, 500):
-            xs.append(sample(lambda x, t, yy, m=model: m(x, t, yy)[0], noise[i : i + 500].to(device),
-                             y[i : i + 500].to(device), sampler="euler", steps=sample_steps,
-                             null_class=model.null_class).float().clamp(-1, 1).cpu())
-        res = evaluator(torch.cat(xs), y)
+        res = evaluator(sample_euler(model, noise, y, sample_steps, device), y)
         out.append({"step": int(ck.name.split("_")[1]), "fd": round(res["fd"], 5),
                     "accuracy": round(res["accuracy"], 5)})
     return out
-
-
-def steps_to_reach(curve: list[dict], target: float) -> float | None:
-    """First step where FD <= target, log-linearly interpolated between evaluations (None if never)."""
-    prev = None
-    for p in curve:
-        if p["fd"] <= target:
-            if prev is None or prev["fd"] <= target:
-                return float(p["step"])
-            a, b = math.log(prev["step"]), math.log(p["step"])
-            frac = (prev["fd"] - target) / (prev["fd"] - p["fd"])
-            return float(math.exp(a + frac * (b - a)))
-        prev = p
-    return None
 
 
 def mean_curve(curves: list[list[dict]]) -> list[dict]:

@@ -1,0 +1,39 @@
+"""Pieces shared by the convergence benchmarks (``convergence.py``, ``yardstick.py``); not a benchmark itself.
+
+Imported as ``from _common import ...``: the benchmarks run as scripts, so their own folder is on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def sample_euler(model, noise: torch.Tensor, labels: torch.Tensor, steps: int, device: str,
+                 batch: int = 500) -> torch.Tensor:
+    """Class-conditional samples of a denoiser (``model(x, t, y) -> (velocity, hidden)``) from ``noise``: Euler ODE,
+    ``steps`` steps, no guidance, ``batch`` images at a time; (N,C,H,W) float32 on the CPU, clamped to [-1, 1]."""
+    from reed.sampling import sample
+
+    xs = []
+    for i in range(0, len(noise), batch):
+        xs.append(sample(lambda x, t, yy, m=model: m(x, t, yy)[0], noise[i : i + batch].to(device),
+                         labels[i : i + batch].to(device), sampler="euler", steps=steps,
+                         null_class=model.null_class).float().clamp(-1, 1).cpu())
+    return torch.cat(xs)
+
+
+def steps_to_reach(curve: list[dict], target: float) -> float | None:
+    """First step where FD <= target, log-linearly interpolated between evaluations (None if never)."""
+    prev = None
+    for p in curve:
+        if p["fd"] <= target:
+            if prev is None or prev["fd"] <= target:
+                return float(p["step"])
+            a, b = math.log(prev["step"]), math.log(p["step"])
+            frac = (prev["fd"] - target) / (prev["fd"] - p["fd"])
+            return float(math.exp(a + frac * (b - a)))
+        prev = p
+    return None
