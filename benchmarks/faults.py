@@ -68,16 +68,27 @@ def size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill(proc: subprocess.Popen) -> tuple[int, bool]:
+    """SIGKILL ``proc`` if it still runs; (exit code, whether it was killed)."""
+    if proc.poll() is not None:
+        return proc.returncode, False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode, True
+
+
 def kill_at_random(cmd: list[str], delay: float) -> tuple[int, bool]:
     """Start ``cmd``, SIGKILL it after ``delay`` s (unless it ended); (exit code, killed)."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start(cmd)
     try:
         proc.wait(timeout=delay)
         return proc.returncode, False
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode, True
+        return _kill(proc)
 
 
 def _lines(path: Path) -> int:
@@ -89,7 +100,7 @@ def _lines(path: Path) -> int:
 
 def kill_in_training(cmd: list[str], metrics: Path, delay: float, timeout: float) -> tuple[int, bool]:
     """Start ``cmd``, wait until it logs its first training step, then SIGKILL it ``delay`` s later."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start(cmd)
     before, t_end = _lines(metrics), time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < t_end:
         if _lines(metrics) > before or (before and _lines(metrics) < before):  # a fresh start rewrites the file
@@ -99,36 +110,22 @@ def kill_in_training(cmd: list[str], metrics: Path, delay: float, timeout: float
             except subprocess.TimeoutExpired:
                 break
         time.sleep(0.002)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode, True
-    return proc.returncode, False
+    return _kill(proc)
 
 
 def kill_in_save(cmd: list[str], ck_dir: Path, rng: random.Random, timeout: float) -> tuple[int, bool]:
     """Start ``cmd`` and SIGKILL it 0-3 ms after a checkpoint's temporary directory appears."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _start(cmd)
     t_end = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < t_end:
         try:
             if any(e.name.startswith(".step_") and e.is_dir() for e in os.scandir(ck_dir)):
                 time.sleep(rng.uniform(0, 0.003))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return proc.returncode, True
+                return _kill(proc)
         except FileNotFoundError:
             pass
         time.sleep(0.0002)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode, True
-    return proc.returncode, False
-
-
-def curve_with_time(run: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return _kill(proc)
 
 
 def curve(run: Path) -> list[dict]:
