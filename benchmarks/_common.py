@@ -13,15 +13,15 @@ import torch
 @torch.no_grad()
 def sample_euler(model, noise: torch.Tensor, labels: torch.Tensor, steps: int, device: str,
                  batch: int = 500) -> torch.Tensor:
-    """Class-conditional samples of a denoiser (``model(x, t, y) -> (velocity, hidden)``) from ``noise``: Euler ODE,
-    ``steps`` steps, no guidance, ``batch`` images at a time; (N,C,H,W) float32 on the CPU, clamped to [-1, 1]."""
+    """Class-conditional samples of a SiT from ``noise`` (``model.initial_state(N)``): Euler ODE, ``steps`` steps, no
+    guidance, ``batch`` images at a time; (N,C,H,W) float32 on the CPU, clamped to [-1, 1]."""
     from reed.sampling import sample
 
     xs = []
     for i in range(0, len(noise), batch):
-        xs.append(sample(lambda x, t, yy, m=model: m(x, t, yy)[0], noise[i : i + batch].to(device),
-                         labels[i : i + batch].to(device), sampler="euler", steps=steps,
-                         null_class=model.null_class).float().clamp(-1, 1).cpu())
+        out = sample(model.velocity, noise[i : i + batch].to(device), labels[i : i + batch].to(device),
+                     sampler="euler", steps=steps, null_class=model.null_class)
+        xs.append(model.image_of(out).float().clamp(-1, 1).cpu())
     return torch.cat(xs)
 
 

@@ -51,9 +51,8 @@ def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, devi
     for ck in list_checkpoints(run):
         model, cfg, _ = load_denoiser(ck, use_ema=True, device=device)
         g = torch.Generator().manual_seed(2024)  # the same noise and labels for every checkpoint and method
-        c, s, k = cfg.image.model.in_channels, cfg.image.model.input_size, cfg.image.model.num_classes
-        y = torch.arange(num) % k
-        noise = torch.randn(num, c, s, s, generator=g)
+        y = torch.arange(num) % cfg.image.model.num_classes
+        noise = model.initial_state(num, generator=g)
         res = evaluator(sample_euler(model, noise, y, sample_steps, device), y)
         out.append({"step": int(ck.name.split("_")[1]), "fd": round(res["fd"], 5),
                     "accuracy": round(res["accuracy"], 5)})

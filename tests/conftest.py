@@ -27,6 +27,13 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """One ``train.cache_dir`` for the test modules that evaluate digits runs in-domain: the digits evaluator (an
+    800-step classifier) is fitted once per session instead of once per module."""
+    return tmp_path_factory.mktemp("digits_cache")
+
+
+@pytest.fixture(scope="session")
 def pdb_dir(shared_data: Path) -> Path:
     return shared_data / "pdb"
 

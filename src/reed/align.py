@@ -126,3 +126,37 @@ def gather_edges(z: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(z.shape)}")
     idx = edge_index.long().unsqueeze(-1).expand(-1, -1, -1, z.shape[-1])
     return torch.gather(z, 2, idx)
+
+
+class ConvProjector(nn.Module):
+    """iREPA projector: one ``Conv2d(D, z_dim, kernel, padding=kernel // 2)`` over the square token grid.
+
+    Input (B, T, D) with T = side**2 tokens in row-major order (token index = row * side + col), output
+    (B, T, z_dim). No activation, no hidden layer; PyTorch's default Conv2d init (the SiT init touches only
+    ``nn.Linear``). ``kernel=1`` is a per-token linear map (iREPA's LDM command-line default).
+    """
+
+    def __init__(self, in_dim: int, z_dim: int, kernel: int = 3):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"conv projector kernel must be odd and >= 1, got {kernel}")
+        self.conv = nn.Conv2d(in_dim, z_dim, kernel, stride=1, padding=kernel // 2, bias=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, d = h.shape
+        side = _square_side(t, "conv projector input")
+        grid = h.transpose(1, 2).reshape(b, d, side, side)  # (B, D, H, W), row-major tokens
+        return self.conv(grid).flatten(2).transpose(1, 2)
+
+
+def spatial_zscore(z: Tensor, gamma: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """iREPA target normalisation: ``(z - gamma * mu) / (s + eps)`` per sample and channel, with mu and the
+    *unbiased* std s taken over the token axis of z (B, T, D); returned in float32.
+
+    gamma = 1 is a full z-score, gamma < 1 keeps part of the mean (iREPA: 0.6 on SiT latents, 0.8 on pixels).
+    The std is shift-invariant, so s is the same before or after centring.
+    """
+    if z.dim() != 3 or z.shape[1] < 2:
+        raise ValueError(f"spatial normalisation needs token targets (B, T>=2, D), got shape {tuple(z.shape)}")
+    x = z.float()
+    return (x - gamma * x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)

@@ -65,6 +65,21 @@ class TargetConfig:
     depth: tap depth in the denoiser (1 = output of the first block), or a named tap (proteins: ``encoder``,
       ``decoder.<d>.nodes``, ``decoder.<d>.edges``).
     standardize: per-channel standardisation of the targets with batch statistics over valid positions.
+    projector: ``mlp`` (REPA's per-token MLP), ``conv`` (iREPA: one Conv2d of kernel ``projector_kernel`` over the
+      square token grid; token targets only) or ``auto`` (``conv`` for ``objective.method=irepa``, else ``mlp``).
+    target_norm: ``spatial`` z-scores token targets over the token axis per sample and channel, removing
+      ``target_norm_gamma`` of the mean (iREPA; 0.6 its SiT-latent default); ``none``; ``auto`` (``spatial`` for
+      ``irepa``, else ``none``).
+    kind ``attention`` (HASTE): the teacher encoder's pre-softmax attention logits over its patch tokens at blocks
+      ``attention_layers`` (1-based; HASTE: DINOv2-B's last four, 9-12), distilled into the denoiser's blocks
+      ``attention_blocks`` (HASTE: 5-8) by a cross-entropy of the attention rows, over the first
+      ``attention_heads`` heads (null: as many as both have; HASTE keeps 12); weight ``coeff`` (HASTE's
+      lambda_a 0.5), added beside the feature terms (not averaged with them, not scaled by proj_coeff); online
+      only (``source: encoder``, a Hugging Face ViT).
+    entangle: REG: this pooled target is generated with the data, as one extra token of the denoiser noised with
+      the data's time (velocity loss weight ``entangle_coeff``, REG's 0.03) and sampled from noise; its token's
+      hidden state is aligned to it (joining a token target of the same width and depth, as REG). Images only;
+      required by ``objective.method=reg``, usable with any method that keeps the target.
     projector_layers: MLP depth of the projector (3 for images as in REPA, 2 for the protein heads).
     modality: ``image`` targets are the only ones the ``repa`` preset uses.
     """
@@ -73,7 +88,7 @@ class TargetConfig:
     source: str = "fitted_encoder"  # one of the domain's target_sources (checked by validate)
     path: str | None = None
     encoder: str = "minilm"
-    kind: Literal["tokens", "pooled", "edges"] = "tokens"
+    kind: Literal["tokens", "pooled", "edges", "attention"] = "tokens"
     modality: Literal["image", "text", "structure", "sequence", "other"] = "image"
     depth: int | str = 2
     coeff: float = 1.0
@@ -87,6 +102,15 @@ class TargetConfig:
     array: str | None = None
     standardize: bool = False
     projector_layers: int = 3
+    projector: Literal["auto", "mlp", "conv"] = "auto"
+    projector_kernel: int = 3
+    target_norm: Literal["auto", "none", "spatial"] = "auto"
+    target_norm_gamma: float = 0.6
+    entangle: bool = False
+    entangle_coeff: float = 0.03
+    attention_layers: list[int] = field(default_factory=lambda: [9, 10, 11, 12])
+    attention_blocks: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
+    attention_heads: int | None = None
 
 
 @dataclass
@@ -99,17 +123,52 @@ class CurriculumConfig:
     gen_decay: Literal["constant", "linear", "cosine"] = "constant"
     align_decay: Literal["constant", "linear", "cosine"] = "constant"
     align_steps: int = 0
+    #: > 0: a hard stop, every alignment weight is 0 from this step on (HASTE's termination; any method)
+    align_stop: int = 0
     unit: Literal["step", "epoch"] = "step"
 
 
 @dataclass
-class ObjectiveConfig:
-    """``method``: ``sit`` (no alignment), ``repa`` (image targets averaged, constant weights) or ``reed``
-    (targets summed with coefficients, time weights and the curriculum). ``proj_coeff`` scales the alignment sum."""
+class DispersiveConfig:
+    """Dispersive loss of one block's hidden states over the local batch (encoder-free; :mod:`reed.regularizers`).
+    ``coeff``: null is the method's choice (0.25 for ``disp``, off otherwise), 0 is off, > 0 adds the term to any
+    method. ``depth`` null: the denoiser's last block (the PyTorch code; the paper's JAX runs use depth L/4)."""
 
-    method: Literal["sit", "baseline", "repa", "reed"] = "reed"
+    coeff: float | None = None
+    tau: float = 1.0
+    depth: int | str | None = None
+
+
+@dataclass
+class SelfAlignConfig:
+    """SRA self-alignment to the EMA model (encoder-free; :mod:`reed.self_alignment`; images only). ``coeff``: null
+    is the method's choice (0.2 for ``sra``, off otherwise). Block ``student_depth`` of the model at time t goes
+    through a head and is aligned to block ``teacher_depth`` of the EMA model at t' = clamp(t - t_max u, 0, 1).
+    ``loss``: ``smooth_l1`` (the paper, ``beta``), ``cos`` (per-token cosine) or ``cos_tokens`` (the reference's
+    current ``cos`` option, a cosine over the token axis)."""
+
+    coeff: float | None = None
+    student_depth: int = 4
+    teacher_depth: int = 8
+    t_max: float = 0.2
+    loss: Literal["smooth_l1", "cos", "cos_tokens"] = "smooth_l1"
+    beta: float = 0.05
+
+
+@dataclass
+class ObjectiveConfig:
+    """``method``: a preset of the one objective (:data:`reed.objective.METHOD_RULES`): ``sit`` (no alignment),
+    ``repa`` (image targets averaged, constant weights), ``reed`` (targets summed with coefficients, time weights
+    and the curriculum), ``reg`` (``repa`` + an entangled target generated with the data), ``irepa`` (``repa`` +
+    conv projector + spatially normalised targets), ``haste`` (``repa``
+    stopped at ``curriculum.align_stop``), ``sra`` (self-alignment, no target), ``disp`` (dispersive loss, no
+    target). ``proj_coeff`` scales the alignment sum."""
+
+    method: Literal["sit", "baseline", "repa", "reed", "reg", "irepa", "haste", "sra", "disp"] = "reed"
     proj_coeff: float = 0.5
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    dispersive: DispersiveConfig = field(default_factory=DispersiveConfig)
+    self_align: SelfAlignConfig = field(default_factory=SelfAlignConfig)
 
 
 @dataclass
@@ -443,9 +502,88 @@ def validate(cfg: Config) -> Config:
                               f"got {tg.cutoffs}")
         if isinstance(tg.depth, int) and tg.depth < 1:
             raise ConfigError(f"config key 'targets.{i}.depth' must be >= 1, got {tg.depth}")
+        if tg.projector_kernel < 1 or tg.projector_kernel % 2 == 0:
+            raise ConfigError(f"config key 'targets.{i}.projector_kernel' must be odd and >= 1, "
+                              f"got {tg.projector_kernel}")
+        if not math.isfinite(tg.target_norm_gamma):
+            raise ConfigError(f"config key 'targets.{i}.target_norm_gamma' must be finite, got {tg.target_norm_gamma}")
+        tokens_only = [k for k, bad in (("projector", tg.projector == "conv"), ("target_norm", tg.target_norm ==
+                                                                                "spatial")) if bad]
+        if tokens_only and tg.kind != "tokens":
+            raise ConfigError(f"config key 'targets.{i}.{tokens_only[0]}' is "
+                              f"'{getattr(tg, tokens_only[0])}', which needs a token grid, but the target is kind "
+                              f"'{tg.kind}'")
+        if tg.kind == "attention":
+            if "attention" not in spec.objective_terms:
+                raise ConfigError(f"config key 'targets.{i}.kind' is 'attention', which {cfg.domain} runs do not "
+                                  "support (attention-map alignment is implemented for the image SiT)")
+            if tg.source != "encoder" or tg.store:
+                raise ConfigError(f"config key 'targets.{i}.kind': attention maps come from a frozen encoder run on "
+                                  f"every batch (source: encoder, no store), got source '{tg.source}'"
+                                  + (f" with store {tg.store}" if tg.store else ""))
+            if not tg.attention_layers or len(tg.attention_layers) != len(tg.attention_blocks):
+                raise ConfigError(f"config keys 'targets.{i}.attention_layers' {tg.attention_layers} and "
+                                  f"'attention_blocks' {tg.attention_blocks} must pair up (same, non-zero length)")
+            if min(tg.attention_layers + tg.attention_blocks) < 1:
+                raise ConfigError(f"config keys 'targets.{i}.attention_layers' / 'attention_blocks' are 1-based "
+                                  "block indices")
+        if tg.entangle and tg.kind != "pooled":
+            raise ConfigError(f"config key 'targets.{i}.entangle' needs a pooled target (one vector per example), "
+                              f"but the target is kind '{tg.kind}'")
+        if not (math.isfinite(tg.entangle_coeff) and tg.entangle_coeff >= 0):
+            raise ConfigError(f"config key 'targets.{i}.entangle_coeff' must be a number >= 0, got {tg.entangle_coeff}")
+    entangled = [i for i, tg in enumerate(cfg.targets) if tg.entangle]
+    if entangled and "entangle" not in spec.objective_terms:
+        raise ConfigError(f"config key 'targets.{entangled[0]}.entangle': {cfg.domain} runs cannot generate a "
+                          "representation token with the data (REG is implemented for the image SiT only)")
+    if len(entangled) > 1:
+        raise ConfigError(f"config keys 'targets.{entangled[1]}.entangle': only one target can be entangled, got "
+                          f"{len(entangled)} ({', '.join(f'targets.{i}' for i in entangled)})")
+    if cfg.objective.method == "reg" and not any(cfg.targets[i].modality == "image" for i in entangled):
+        raise ConfigError("objective.method=reg generates a representation with the image: mark one pooled image "
+                          "target with entangle: true (REG: the encoder's class token)")
+    validate_objective(cfg.objective, spec)
     if spec.validate is not None:
         spec.validate(cfg)
     return cfg
+
+
+def validate_objective(o: ObjectiveConfig, spec) -> None:
+    """Checks of the ``objective`` section against itself and the domain ``spec`` (its ``objective_terms``)."""
+    if not (math.isfinite(o.proj_coeff) and o.proj_coeff >= 0):
+        raise ConfigError(f"config key 'objective.proj_coeff' must be a number >= 0, got {o.proj_coeff}")
+    c = o.curriculum
+    for key in ("gen_start", "gen_warmup", "align_steps", "align_stop"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"config key 'objective.curriculum.{key}' must be >= 0, got {getattr(c, key)}")
+    if o.method == "haste" and c.align_stop <= 0:
+        raise ConfigError("objective.method=haste stops the alignment at a fixed step: set "
+                          "objective.curriculum.align_stop > 0 (HASTE: 250000 for SiT-XL/2 on ImageNet)")
+    d, sa = o.dispersive, o.self_align
+    if d.coeff is not None and not (math.isfinite(d.coeff) and d.coeff >= 0):
+        raise ConfigError(f"config key 'objective.dispersive.coeff' must be a number >= 0, got {d.coeff}")
+    if not (math.isfinite(d.tau) and d.tau > 0):
+        raise ConfigError(f"config key 'objective.dispersive.tau' must be > 0, got {d.tau}")
+    if isinstance(d.depth, int) and d.depth < 1:
+        raise ConfigError(f"config key 'objective.dispersive.depth' must be >= 1, got {d.depth}")
+    if sa.coeff is not None and not (math.isfinite(sa.coeff) and sa.coeff >= 0):
+        raise ConfigError(f"config key 'objective.self_align.coeff' must be a number >= 0, got {sa.coeff}")
+    if not 1 <= sa.student_depth < sa.teacher_depth:
+        raise ConfigError(f"config keys 'objective.self_align.student_depth' ({sa.student_depth}) and "
+                          f"'teacher_depth' ({sa.teacher_depth}) need 1 <= student < teacher")
+    if not 0.0 <= sa.t_max <= 1.0:
+        raise ConfigError(f"config key 'objective.self_align.t_max' must be in [0, 1], got {sa.t_max}")
+    if not sa.beta > 0:
+        raise ConfigError(f"config key 'objective.self_align.beta' must be > 0, got {sa.beta}")
+    from reed.objective import method_rule
+
+    rule = method_rule(o.method)
+    uses = {"dispersive": d.coeff if d.coeff is not None else rule.dispersive,
+            "self_align": sa.coeff if sa.coeff is not None else rule.self_align}
+    for term, coeff in uses.items():
+        if coeff and term not in spec.objective_terms:
+            why = spec.objective_terms_note or "the domain does not support it"
+            raise ConfigError(f"objective.{term} (method {o.method}) is not available for {spec.name} runs: {why}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -47,10 +47,16 @@ def generative_weight(step: int, *, start: int = 0, warmup: int = 0, decay: str 
     return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def alignment_weight(step: int, *, decay: str = "constant", steps: int = 0) -> float:
+def alignment_weight(step: int, *, decay: str = "constant", steps: int = 0, stop: int = 0) -> float:
     """Weight of the alignment loss at ``step``: 1 (``constant``), ``max(1-step/steps, 0)`` (``linear``) or
-    ``0.5*(1+cos(pi*min(step,steps)/steps))`` (``cosine``); 0 after ``steps`` and never rising again."""
+    ``0.5*(1+cos(pi*min(step,steps)/steps))`` (``cosine``); 0 after ``steps`` and never rising again.
+
+    ``stop`` > 0 is a hard stop (HASTE's termination): 0 from step ``stop`` on, whatever the decay, so steps
+    ``0 .. stop-1`` are aligned.
+    """
     _check_decay(decay)
+    if stop > 0 and step >= stop:
+        return 0.0
     if decay == "constant":
         return 1.0
     if steps <= 0:

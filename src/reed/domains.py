@@ -90,6 +90,8 @@ class DomainSpec:
     legacy_overrides: old-layout override heads that now live in the section (``model.depth=4`` ->
       ``image.model.depth=4``), applied there with a deprecation notice.
     find_unused_parameters: some parameters may get no gradient in a step (DDP must be told).
+    objective_terms: the encoder-free terms of the objective (``dispersive``, ``self_align``) the domain's loss
+      supports; objective_terms_note: why the others are not (shown in the error).
     """
 
     name: str
@@ -106,6 +108,9 @@ class DomainSpec:
     upgrade: Callable[[dict], dict] | None = None
     legacy_overrides: tuple[str, ...] = ()
     find_unused_parameters: bool = False
+    objective_terms: tuple[str, ...] = ("dispersive",)
+    objective_terms_note: str = ("self-alignment (sra) re-runs the EMA model on the same example at a less noisy "
+                                 "time, which this domain's loss does not do")
 
 
 # name -> module that defines DOMAIN (imported on first use), or the DomainSpec itself
@@ -220,10 +225,17 @@ def curriculum(cfg: Config, steps_per_unit: int = 1) -> Curriculum:
 
 def build_objective(cfg: Config, process: Any, steps_per_unit: int = 1) -> Objective:
     """The REED objective of a resolved config over the domain's generative ``process``."""
-    from reed.objective import Objective
+    from reed.config import build_from
+    from reed.objective import DispersiveTerm, Objective, SelfAlignTerm, method_rule
 
-    return Objective(process, align_terms(cfg), method=cfg.objective.method, proj_coeff=cfg.objective.proj_coeff,
-                     curriculum=curriculum(cfg, steps_per_unit))
+    o, rule = cfg.objective, method_rule(cfg.objective.method)
+    # a null coefficient is the method's choice; the term's other settings are the config's either way
+    disp = build_from(DispersiveTerm, o.dispersive, coeff=rule.dispersive if o.dispersive.coeff is None
+                      else o.dispersive.coeff)
+    sa = build_from(SelfAlignTerm, o.self_align, coeff=rule.self_align if o.self_align.coeff is None
+                    else o.self_align.coeff)
+    return Objective(process, align_terms(cfg), method=o.method, proj_coeff=o.proj_coeff,
+                     curriculum=curriculum(cfg, steps_per_unit), dispersive=disp, self_align=sa)
 
 
 def load_denoiser(run_or_ckpt: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu"):

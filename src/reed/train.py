@@ -51,7 +51,6 @@ from reed.domains import get_domain, get_task
 from reed.ema import EMA
 from reed.errors import CheckpointError, ConfigError, NonFiniteLossError
 from reed.io import atomic_write_text
-from reed.objective import ReedModule
 from reed.plots import plot_loss_curve
 
 __all__ = ["train", "TrainResult", "config_differences", "resume_config", "read_jsonl", "existing_run"]
@@ -222,7 +221,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     tc = cfg.train
     torch.set_flush_denormal(True)  # CPU: denormal activations otherwise slow small models several-fold
-    unused = get_domain(cfg.domain).find_unused_parameters  # parameters that may get no gradient in a step
+    # parameters that may get no gradient in a step: the domain's, or the projectors after a hard alignment stop
+    unused = get_domain(cfg.domain).find_unused_parameters or cfg.objective.curriculum.align_stop > 0
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.log_with or None,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
@@ -274,8 +274,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
     denoiser = task.build_denoiser()
     objective = task.build_objective()
-    module = ReedModule(denoiser, objective.terms, denoiser.hidden_size).to(device)
+    module = objective.build_module(denoiser).to(device)
     ema = EMA(module.denoiser, tc.ema_decay)
+    if objective.needs_teacher:  # SRA: the EMA model is the teacher (its weights are loaded in place on resume)
+        objective.teacher = ema.model
     opt = build_optimizer(module.parameters(), tc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(tc))
 

@@ -50,6 +50,38 @@ def test_headline_reed_recipe_matches_the_paper():
     assert {load_config(p).image.sample.protocol for p in CONFIGS.glob("imagenet256_*.yaml")} == {"paper"}
 
 
+def test_peer_method_recipes_carry_their_papers_settings():
+    """spec methods.md: iREPA (conv k3, spatial z-score 0.6, coeff 1.0), HASTE (stop at 250K), SRA (8 -> 20,
+    t_max 0.2, smooth-L1 0.2, no target), Dispersive (0.25, tau 1, last block, fp32, no clipping)."""
+    irepa = load_config(CONFIGS / "imagenet256_sit_xl2_irepa.yaml")
+    (t,) = irepa.targets
+    assert (irepa.objective.method, irepa.objective.proj_coeff) == ("irepa", 1.0)
+    assert (t.projector, t.projector_kernel, t.target_norm, t.target_norm_gamma, t.depth) == ("conv", 3, "spatial",
+                                                                                                0.6, 8)
+    haste = load_config(CONFIGS / "imagenet256_sit_xl2_haste.yaml")
+    assert (haste.objective.method, haste.objective.curriculum.align_stop, haste.objective.proj_coeff) == (
+        "haste", 250_000, 0.5)
+    assert (haste.image.sample.cfg_scale, haste.image.sample.guidance_high) == (1.65, 0.72)
+    feat, att = haste.targets
+    assert (att.kind, att.attention_layers, att.attention_blocks, att.attention_heads, att.coeff) == (
+        "attention", [9, 10, 11, 12], [5, 6, 7, 8], 12, 0.5) and att.store is None and feat.depth == 8
+    sra = load_config(CONFIGS / "imagenet256_sit_xl2_sra.yaml")
+    sa = sra.objective.self_align
+    assert sra.targets == [] and (sa.student_depth, sa.teacher_depth, sa.t_max, sa.loss, sa.coeff) == (
+        8, 20, 0.2, "smooth_l1", 0.2)
+    disp = load_config(CONFIGS / "imagenet256_sit_xl2_disp.yaml")
+    d = disp.objective.dispersive
+    assert disp.targets == [] and (d.coeff, d.tau, d.depth) == (0.25, 1.0, None)
+    assert (disp.train.grad_clip, disp.train.mixed_precision, disp.train.steps) == (0.0, "no", 400_000)
+    reg = load_config(CONFIGS / "imagenet256_sit_xl2_reg.yaml")
+    tok, vec = reg.targets
+    assert reg.objective.method == "reg" and (vec.kind, vec.entangle, vec.entangle_coeff, vec.depth) == (
+        "pooled", True, 0.03, tok.depth)
+    assert (reg.image.sample.cfg_scale, reg.image.sample.guidance_high) == (2.3, 0.85)
+    for cfg in (reg, irepa, haste, sra, disp):
+        assert cfg.image.model.preset == "SiT-XL/2" and cfg.train.batch_size == 256 and cfg.train.lr == 1e-4
+
+
 def test_protein_recipe_matches_the_paper():
     """spec protein.md section 4: README command of the reference."""
     cfg = load_config(CONFIGS / "protein_reed.yaml")

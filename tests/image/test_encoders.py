@@ -496,3 +496,24 @@ def test_bf16_runs_and_returns_float32_and_stays_frozen(dinov2_dir):
     torch.testing.assert_close(tokens, ref, rtol=0.1, atol=0.1)
     x = _images(1, 64).float().requires_grad_(True)
     assert not enc(x).requires_grad
+
+
+def test_attention_logits_are_hf_attention_renormalised_over_patches(dinov2_dir):
+    """HASTE's teacher maps: softmax of our logits over patch keys = HF's eager attention with the CLS row and
+    column dropped and each row renormalised."""
+    from transformers import Dinov2Model
+
+    enc = load_image_encoder("dinov2-vit-s", path=dinov2_dir, resolution=64)
+    x = _images(2, 64)
+    logits = enc.attention_logits(x, [1, 2])
+    assert logits.shape == (2, 2, 2, 16, 16) and logits.dtype == torch.float32  # (B, layers, heads, T, T)
+    ref = Dinov2Model.from_pretrained(dinov2_dir, attn_implementation="eager").eval()
+    pixels = _bicubic(_norm(x.float() / 255, IMAGENET_MEAN, IMAGENET_STD), 56)
+    with torch.no_grad():
+        att = ref(pixel_values=pixels, output_attentions=True).attentions  # per layer (B, heads, 17, 17)
+    for i in range(2):
+        patch = att[i][:, :, 1:, 1:]
+        torch.testing.assert_close(logits[:, i].softmax(-1), patch / patch.sum(-1, keepdim=True), rtol=1e-4,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match=r"block\(s\) \[3\]"):
+        enc.attention_logits(x, [3])

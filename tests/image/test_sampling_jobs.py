@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, digits_cache):
     d = tmp_path_factory.mktemp("sjob")
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["objective.method=sit", "train.steps=3", "train.batch_size=32",
-                                                       "train.progress=false", f"train.cache_dir={d / 'c'}"])
+                                                       "train.progress=false", f"train.cache_dir={digits_cache}"])
     train(cfg, d / "run")
     return d / "run"
 

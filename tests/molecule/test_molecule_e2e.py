@@ -79,3 +79,13 @@ def test_sample_sdf_grid_and_evaluate(setup):
     for k in ("atom_stability", "molecule_stability", "validity"):
         assert 0.0 <= res[k] <= 1.0
     assert main(["sample", str(run), "--num", "2", "--out", str(root / "mols.png")]) == 2  # not .sdf: clear error
+
+
+def test_encoder_free_dispersive_term_trains_on_molecules(setup):
+    """The dispersive loss on the last message-passing layer's atom states (padding excluded), beside REED's
+    alignment: encoder-free terms join any method."""
+    root, cfg = setup
+    run = root / "disp"
+    assert main(["train", str(cfg), "objective.dispersive.coeff=0.25", "train.epochs=1", "--out", str(run)]) == 0
+    recs = _records(run)
+    assert recs and all(-10 < r["dispersive"] <= 0 for r in recs) and "align/mol" in recs[0]

@@ -103,6 +103,8 @@ CASES = [
                  id="config-type-vocab"),
     pytest.param(_config("molecule.aromatic_rule=floor", names=("molecule.aromatic_rule", "floor")),
                  id="config-aromatic-rule"),
+    pytest.param(_config("objective.method=sra", names=("objective.self_align", "sra", "molecule runs", "EMA model")),
+                 id="config-self-alignment-not-for-molecules"),
     pytest.param(_config("molecule.data.conformers=lowest", names=("molecule.data.conformers", "lowest")),
                  id="config-conformers"),
     pytest.param(_config("molecule.curriculum_every=batch", names=("molecule.curriculum_every", "batch")),

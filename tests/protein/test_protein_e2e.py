@@ -110,3 +110,15 @@ def test_design_errors_name_the_input(setup, capsys):
     assert "missing.pdb" in capsys.readouterr().err
     assert main(["sample", str(run)]) == 2
     assert "--structures" in capsys.readouterr().err
+
+
+def test_encoder_free_dispersive_term_trains_on_proteins(setup):
+    """The dispersive loss (the encoder-free method that applies to any denoiser) on the last decoder layer's
+    node states, padded residues excluded; between -log B and 0."""
+    root, cfg, _ = setup
+    run = root / "disp"
+    assert main(["train", str(cfg), "objective.method=disp", "train.epochs=1", "--out", str(run)]) == 0
+    recs = _records(run)
+    assert recs and all(-10 < r["dispersive"] <= 0 for r in recs) and not any(k.startswith("align/") for k in recs[0])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["objective"]["method"] == "disp" and saved["targets"]  # the targets stay configured, unused

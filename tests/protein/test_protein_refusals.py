@@ -124,6 +124,9 @@ CASES = [
                  id="evaluate-design-length-differs"),
     pytest.param(lambda d, c: (["evaluate", d / "otherchain.fasta"], ["otherchain.fasta", "5L33_B"]),
                  id="evaluate-chain-not-in-source"),
+    pytest.param(lambda d, c: (["show-config", c["allbad"], "objective.method=sra"],
+                               ["objective.self_align", "protein runs", "EMA model"]),
+                 id="config-self-alignment-not-for-proteins"),
     # reed train: data sets that leave nothing to train on, and the pdb_2021aug02 chain/cluster lists
     pytest.param(lambda d, c: (["train", c["allbad"], "--out", d / "r_allbad"],
                                ["allbad", "noca.pdb: chain A: no CA atoms", "garbage.pdb"]),

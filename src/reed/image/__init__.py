@@ -25,4 +25,5 @@ DOMAIN = DomainSpec(name="image", config=ImageConfig, task=lazy("reed.image.task
                     validate=validate_image, add_commands=lazy("reed.image.cli:add_commands"),
                     sample=lazy("reed.image.cli:cmd_sample"), evaluate=lazy("reed.image.cli:cmd_evaluate"),
                     resume_may_change=("sample", "fit"), upgrade=_upgrade,
-                    legacy_overrides=LEGACY_KEYS)
+                    legacy_overrides=LEGACY_KEYS, objective_terms=("dispersive", "self_align", "entangle",
+                                                                      "attention"))

@@ -130,7 +130,6 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
     }
     k = cfg.image.model.num_classes
     ys = _labels(num, k, labels, seed)
-    c, s = cfg.image.model.in_channels, cfg.image.model.input_size
     decoder = latent_decoder(cfg, ckpt, vae, dev, default=default_vae)
     out = Path(out) if out else Path(run_or_ckpt) / "samples.npz"
     parts = out.with_name(out.name + ".parts")
@@ -150,12 +149,13 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
         lo, hi = ch * batch_size, min((ch + 1) * batch_size, num)
         g = torch.Generator().manual_seed(_chunk_seed(seed, ch))
         y = ys[lo:hi].to(dev)
-        noise = torch.randn(hi - lo, c, s, s, generator=g).to(dev)
+        noise = model.initial_state(hi - lo, generator=g).to(dev)
         sde_gen = torch.Generator(device=dev).manual_seed(_chunk_seed(seed, ch) + 1)
-        x = run_sampler(lambda xx, tt, yy: model(xx, tt, yy)[0], noise, y, sampler=settings["sampler"],
-                        steps=settings["steps"], null_class=model.null_class, cfg_scale=settings["cfg_scale"],
-                        guidance=(settings["guidance_low"], settings["guidance_high"]),
-                        process=FlowProcess(cfg.image.process.path), generator=sde_gen)
+        x = model.image_of(run_sampler(model.velocity, noise, y, sampler=settings["sampler"],
+                                       steps=settings["steps"], null_class=model.null_class,
+                                       cfg_scale=settings["cfg_scale"],
+                                       guidance=(settings["guidance_low"], settings["guidance_high"]),
+                                       process=FlowProcess(cfg.image.process.path), generator=sde_gen))
         imgs = to_uint8(decoder(x) if decoder is not None else x, truncate=uint8 == "truncate")
         atomic_save_npy(parts / f"chunk_{ch:06d}.npy", imgs)
     if barrier is not None:

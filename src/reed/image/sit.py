@@ -14,6 +14,13 @@ by 1000. Labels ``y`` are in ``[0, num_classes]``; index ``num_classes`` is the 
 classifier-free guidance.
 Label dropout is *not* done inside the model: call :func:`drop_labels` in the training loop.
 
+REG (``cls_dim`` > 0; spec methods.md §1): a representation vector (B, cls_dim), noised with the image's time, is
+embedded by ``Linear -> LayerNorm`` and *prepended* as one extra token without a positional embedding (REG's zero
+row); it passes every block with the same conditioning, and the shared final layer's token 0 goes to a zero-init
+``Linear(D -> cls_dim)``: its velocity. Hidden states then have T + 1 tokens (the slot first).
+Samplers see one packed state per sample, the flattened image followed by the vector (:meth:`SiT.initial_state`,
+:meth:`SiT.velocity`, :meth:`SiT.image_of`), so every ODE/SDE sampler and CFG rule integrates both jointly.
+
 Module and parameter names follow the reference SiT / REPA layout so that official checkpoints can be loaded.
 One deliberate difference: the final layer is always ``hidden_size`` wide (the reference SiT-S presets are
 broken because their final layer defaults to width 768).
@@ -163,18 +170,20 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """(B, N, D) -> (B, N, D); with ``return_logits`` also the pre-softmax logits (B, H, N, N) (HASTE), computed
+        only then (the fused kernel never materialises them)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
+        logits = (q * self.scale) @ k.transpose(-2, -1) if return_logits or not self.fused_attn else None
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-            x = attn.softmax(dim=-1) @ v
-        x = x.transpose(1, 2).reshape(B, N, D)
-        return self.proj(x)
+            x = logits.softmax(dim=-1) @ v
+        x = self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return (x, logits) if return_logits else x
 
 
 class Mlp(nn.Module):
@@ -213,12 +222,14 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         # Each (B, D).
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, -1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
+        a = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), return_logits=return_logits)
+        a, logits = a if return_logits else (a, None)
+        x = x + gate_msa.unsqueeze(1) * a
         x = x + gate_mlp.unsqueeze(1) * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return (x, logits) if return_logits else x
 
 
 class FinalLayer(nn.Module):
@@ -230,9 +241,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def modulated(self, x: Tensor, c: Tensor) -> Tensor:
+        """The normalised and modulated tokens (B, T, D), before the output Linear."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(_modulate(self.norm_final(x), shift, scale))
+        return _modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        return self.linear(self.modulated(x, c))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,6 +267,7 @@ class SiT(nn.Module):
         mlp_ratio: MLP hidden width as a multiple of D.
         qk_norm: per-head LayerNorm on queries and keys.
         fused_attn: use ``F.scaled_dot_product_attention`` (True) or explicit softmax attention (False).
+        cls_dim: width of REG's entangled representation token (0: none).
     """
 
     def __init__(
@@ -267,6 +283,7 @@ class SiT(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = False,
         fused_attn: bool = True,
+        cls_dim: int = 0,
     ):
         super().__init__()
         for name, value in [
@@ -288,6 +305,8 @@ class SiT(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2-D sin-cos pos embedding)")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be positive, got mlp_ratio={mlp_ratio}")
+        if not isinstance(cls_dim, int) or cls_dim < 0:
+            raise ValueError(f"cls_dim must be an int >= 0, got cls_dim={cls_dim!r}")
 
         self.input_size = input_size
         self.in_channels = in_channels
@@ -313,6 +332,12 @@ class SiT(nn.Module):
         )
         # Always hidden_size wide (fixes the reference SiT-S decoder_hidden_size bug).
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.cls_dim = cls_dim
+        self.num_prefix = 1 if cls_dim else 0  # extra tokens before the image tokens in the hidden states
+        if cls_dim:  # REG: the entangled token's input embedder and velocity head (reference names in comments)
+            self.cls_embedder = nn.Sequential(nn.Linear(cls_dim, hidden_size),  # cls_projectors2
+                                              nn.LayerNorm(hidden_size, eps=1e-6))  # wg_norm
+            self.cls_head = nn.Linear(hidden_size, cls_dim)  # linear_cls
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -341,6 +366,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.cls_dim:  # the class velocity is exactly 0 at init
+            nn.init.zeros_(self.cls_head.weight)
+            nn.init.zeros_(self.cls_head.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(B, T, p * p * C) -> (B, C, H, W), tokens in row-major order, channels last within a patch."""
@@ -361,37 +389,105 @@ class SiT(nn.Module):
             raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"y must be an integer (long) tensor, got dtype {y.dtype}")
-        taps = [int(d) for d in taps]
-        for d in taps:
-            if not 1 <= d <= self.depth:
-                raise ValueError(f"tap depth {d} is out of range 1..{self.depth} (model depth={self.depth})")
-        return taps
+        out: list[int | str] = []
+        for d in taps:  # block d's output, or "attn:d": block d's pre-softmax attention logits (B, H, N, N)
+            depth = int(d[5:]) if isinstance(d, str) and d.startswith("attn:") else int(d)
+            if not 1 <= depth <= self.depth:
+                raise ValueError(f"tap depth {depth} is out of range 1..{self.depth} (model depth={self.depth})")
+            out.append(f"attn:{depth}" if isinstance(d, str) else depth)
+        return out
+
+    def _run_blocks(self, h: Tensor, c: Tensor, taps: set, last: int) -> dict:
+        hiddens: dict = {}
+        for i, block in enumerate(self.blocks[:last], start=1):
+            if f"attn:{i}" in taps:
+                h, hiddens[f"attn:{i}"] = block(h, c, return_logits=True)
+            else:
+                h = block(h, c)
+            if i in taps:
+                hiddens[i] = h
+        hiddens["_last"] = h
+        return hiddens
+
+    def _embed(self, x: Tensor, t: Tensor, y: Tensor, cls: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Input tokens (B, num_prefix + T, D) and the conditioning c (B, D)."""
+        h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        if self.cls_dim:
+            if cls is None or cls.shape != (x.shape[0], self.cls_dim):
+                got = None if cls is None else tuple(cls.shape)
+                raise ValueError(f"this SiT generates a {self.cls_dim}-d representation token with the image (REG): "
+                                 f"pass cls of shape ({x.shape[0]}, {self.cls_dim}), got {got}")
+            slot = self.cls_embedder(cls.to(h.dtype)).unsqueeze(1)  # no positional embedding (REG's zero row)
+            h = torch.cat([slot, h], dim=1)
+        elif cls is not None:
+            raise ValueError("cls was given but this SiT has no representation token (cls_dim=0)")
+        return h, self.t_embedder(t) + self.y_embedder(y)
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, taps: Sequence[int] = ()
-    ) -> tuple[Tensor, dict[int, Tensor]]:
+        self, x: Tensor, t: Tensor, y: Tensor, taps: Sequence[int] = (), cls: Tensor | None = None
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], dict[int, Tensor]]:
         """Predict the velocity.
 
         Args:
             x: (B, C, H, W) noisy input x_t.
             t: (B,) float times in [0, 1] (0 = data, 1 = noise).
             y: (B,) long labels in [0, num_classes]; ``num_classes`` = null class.
-            taps: block depths (1 = output of block 1) whose hidden states to return.
+            taps: block depths (1 = output of block 1) whose hidden states to return; ``"attn:d"`` returns block
+                d's pre-softmax attention logits (B, heads, N, N) instead (HASTE).
+            cls: (B, cls_dim) the noisy representation token at time t (REG models only; required there).
 
         Returns:
             ``(v, hiddens)``: v of shape (B, C, H, W) and ``{depth: (B, T, D)}`` for each requested tap,
-            the raw residual stream after that block (before any norm).
+            the raw residual stream after that block (before any norm). REG models return
+            ``((v, v_cls), hiddens)`` with v_cls (B, cls_dim) and hidden states of T + 1 tokens, the slot first.
         """
         tap_set = set(self._check_inputs(x, t, y, taps))
-        h = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        hiddens: dict[int, Tensor] = {}
-        for i, block in enumerate(self.blocks, start=1):
-            h = block(h, c)
-            if i in tap_set:
-                hiddens[i] = h
-        out = self.final_layer(h, c)  # (B, T, p * p * C)
-        return self.unpatchify(out), hiddens
+        h, c = self._embed(x, t, y, cls)
+        hiddens = self._run_blocks(h, c, tap_set, self.depth)
+        h = hiddens.pop("_last")
+        if not self.cls_dim:
+            return self.unpatchify(self.final_layer(h, c)), hiddens  # (B, T, p * p * C) -> image
+        m = self.final_layer.modulated(h, c)
+        return (self.unpatchify(self.final_layer.linear(m[:, 1:])), self.cls_head(m[:, 0])), hiddens
+
+    def hidden_states(self, x: Tensor, t: Tensor, y: Tensor, taps: Sequence[int],
+                      cls: Tensor | None = None) -> dict[int, Tensor]:
+        """``{depth: (B, T, D)}`` of the requested taps, running the blocks only up to the deepest one (no
+        output head): what a teacher that is read at one block needs (SRA)."""
+        tap_set = set(self._check_inputs(x, t, y, taps))
+        h, c = self._embed(x, t, y, cls)
+        last = max((int(str(d).removeprefix("attn:")) for d in tap_set), default=0)
+        hiddens = self._run_blocks(h, c, tap_set, last)
+        hiddens.pop("_last")
+        return hiddens
+
+    # ---- samplers' view: one packed state per sample (the image, then REG's vector) ----
+    def initial_state(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Noise to start sampling from: (n, C, H, W), or for REG (n, C*H*W + cls_dim) with the vector's noise
+        drawn after the image's (as REG's generate.py)."""
+        x = torch.randn(n, self.in_channels, self.input_size, self.input_size, generator=generator)
+        if not self.cls_dim:
+            return x
+        return torch.cat([x.flatten(1), torch.randn(n, self.cls_dim, generator=generator)], dim=1)
+
+    def _split(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        n_img = self.in_channels * self.input_size**2
+        if state.dim() != 2 or state.shape[1] != n_img + self.cls_dim:
+            raise ValueError(f"packed REG state must be (B, {n_img + self.cls_dim}), got {tuple(state.shape)}")
+        x = state[:, :n_img].reshape(-1, self.in_channels, self.input_size, self.input_size)
+        return x, state[:, n_img:]
+
+    def velocity(self, state: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """The samplers' ``model_fn``: velocity of a state from :meth:`initial_state` (same shape)."""
+        if not self.cls_dim:
+            return self(state, t, y)[0]
+        x, cls = self._split(state)
+        (v, v_cls), _ = self(x, t, y, cls=cls)
+        return torch.cat([v.flatten(1), v_cls.to(v.dtype)], dim=1)
+
+    def image_of(self, state: Tensor) -> Tensor:
+        """The image (B, C, H, W) of a sampled state (REG's vector is discarded, as REG does)."""
+        return state if not self.cls_dim else self._split(state)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

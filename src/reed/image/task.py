@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from reed.config import Config, to_dict
+from reed.domains import active_targets, resolve_targets
 from reed.domains import build_objective as domain_objective
-from reed.domains import resolve_targets
 from reed.errors import ConfigError, DataError
 from reed.image.data import batch_indices, load_dataset, to_uint8
 from reed.image.sit import SiT, build_sit, drop_labels
@@ -43,6 +43,9 @@ def build_sit_denoiser(cfg: Config) -> SiT:
     """The SiT described by ``cfg.image.model`` (input_size/in_channels/num_classes must be resolved)."""
     m = cfg.image.model
     over = {k: v for k, v in to_dict(m).items() if k != "preset" and v is not None}
+    entangled = [t for t in active_targets(cfg) if t.entangle]
+    if entangled:  # REG: the denoiser generates this target's vector as an extra token
+        over["cls_dim"] = int(entangled[0].dim or 0)
     try:
         return build_sit(m.preset, **over)
     except ValueError as e:
@@ -60,6 +63,9 @@ def check_depths(cfg: Config, depth: int) -> None:
             raise ConfigError(f"config key 'targets.{i}.depth' must be a block index for SiT, got {t.depth!r}")
         if t.depth > depth:
             raise ConfigError(f"config key 'targets.{i}.depth' is {t.depth} but the model has only {depth} blocks")
+        if t.kind == "attention" and max(t.attention_blocks) > depth:
+            raise ConfigError(f"config key 'targets.{i}.attention_blocks' {t.attention_blocks} reaches beyond the "
+                              f"model's {depth} blocks")
 
 
 def check_token_grids(targets: dict, num_tokens: int) -> None:
@@ -82,17 +88,16 @@ def check_token_grids(targets: dict, num_tokens: int) -> None:
 def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, seed: int) -> torch.Tensor:
     """Class-balanced samples (num,C,H,W) in [-1,1] from ``denoiser`` in eval mode with fixed noise and labels."""
     g = torch.Generator().manual_seed(seed)
-    c, s = cfg.image.model.in_channels, cfg.image.model.input_size
-    noise = torch.randn(num, c, s, s, generator=g).to(device)
+    noise = denoiser.initial_state(num, generator=g).to(device)
     y = (torch.arange(num) % cfg.image.model.num_classes).to(device)
     sc = cfg.image.sample
     with eval_mode(denoiser):
-        out = run_sampler(lambda x, t, yy: denoiser(x, t, yy)[0], noise, y, sampler=sc.sampler, steps=sc.steps,
+        out = run_sampler(denoiser.velocity, noise, y, sampler=sc.sampler, steps=sc.steps,
                           null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
                           guidance=(sc.guidance_low, sc.guidance_high),
                           process=FlowProcess(cfg.image.process.path),
                           generator=torch.Generator(device=device).manual_seed(seed + 1))
-    return out.float().clamp(-1, 1)
+    return denoiser.image_of(out).float().clamp(-1, 1)
 
 
 class ImageTask:

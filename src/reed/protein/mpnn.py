@@ -453,6 +453,12 @@ class MPNNDenoiser(nn.Module):
             names += [f"decoder.{d}.nodes", f"decoder.{d}.edges"]
         return names
 
+    @property
+    def last_tap(self) -> str:
+        """The last decoder layer's node states: what "the last block" means for this denoiser (the dispersive
+        term's default)."""
+        return f"decoder.{self.depth - 1}.nodes"
+
     def tap_dim(self, tap: str) -> int:
         """Feature width of a tap: ``H`` for encoder / node taps, ``2H`` for edge taps."""
         if tap not in self.tap_names():

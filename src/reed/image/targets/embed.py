@@ -25,6 +25,9 @@ def _as_tensor_idx(indices) -> torch.Tensor:
 def row_function(tg: TargetConfig, ds, device: torch.device | str = "cpu",
                  batch_size: int = 64) -> tuple[Callable[[np.ndarray], torch.Tensor], str, dict]:
     """(indices -> rows (B,T,D)/(B,D), weights fingerprint, preprocessing record) for target ``tg`` over ``ds``."""
+    if tg.kind == "attention":
+        raise ConfigError(f"target '{tg.name}' is kind attention: attention maps are computed online every step "
+                          "(layers x heads x T x T per image is too large to store); train with source: encoder")
     pool = tg.kind == "pooled"
     if tg.source == "fitted_encoder":
         from reed.image.targets.fitted_encoder import encoder_fingerprint, load_encoder

@@ -292,6 +292,54 @@ class ImageEncoder(nn.Module):
             tokens = out.last_hidden_state[:, self._num_prefix :]
         return tokens.float()
 
+    @torch.no_grad()
+    def attention_logits(self, images: Tensor, layers: list[int]) -> Tensor:
+        """Pre-softmax attention logits of blocks ``layers`` (1-based) over the patch tokens: uint8 images
+        ``(B, 3, H, W)`` -> ``(B, len(layers), heads, T, T)`` float32 (HASTE's teacher maps).
+
+        The logits ``q k^T / sqrt(d_head)`` are recomputed from each block's query and key projections (captured
+        with forward hooks, so the network's own attention kernel is untouched); the rows and columns of the CLS
+        and register tokens are dropped, so a softmax over the last axis is the attention renormalised over the
+        patch keys, as HASTE does. Hugging Face ViTs with ``q_proj``/``k_proj`` (or ``query``/``key``) only.
+        """
+        if self._kind != "hf":
+            raise ValueError(f"{self.name}: attention maps need a Hugging Face ViT encoder (e.g. dinov2-vit-b)")
+        heads = int(self.model.config.num_attention_heads)
+        blocks = {int(i): [] for i in layers}
+        captured: dict[tuple[int, str], Tensor] = {}
+        handles = []
+        for name, mod in self.model.named_modules():
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-1] in ("q_proj", "k_proj", "query", "key") and "layer" in parts:
+                i = int(parts[parts.index("layer") + 1]) + 1
+                if i in blocks:
+                    role = "q" if parts[-1] in ("q_proj", "query") else "k"
+                    blocks[i].append(role)
+                    handles.append(mod.register_forward_hook(
+                        lambda _m, _a, out, key=(i, role): captured.__setitem__(key, out)))
+        missing = [i for i, roles in blocks.items() if sorted(roles) != ["k", "q"]]
+        if missing:
+            for h in handles:
+                h.remove()
+            raise ValueError(f"{self.name}: no query/key projections found for block(s) {missing} "
+                             f"(attention layers are 1-based, the encoder has "
+                             f"{self.model.config.num_hidden_layers})")
+        try:
+            self.forward(images)
+        finally:
+            for h in handles:
+                h.remove()
+        out = []
+        for i in layers:
+            q, k = captured[(int(i), "q")], captured[(int(i), "k")]
+            b, n, d = q.shape
+            q = q.float().view(b, n, heads, d // heads).transpose(1, 2)
+            k = k.float().view(b, n, heads, d // heads).transpose(1, 2)
+            logits = (q @ k.transpose(-2, -1)) * (d // heads) ** -0.5  # (B, heads, N, N)
+            p = self._num_prefix
+            out.append(logits[:, :, p:, p:])
+        return torch.stack(out, dim=1)
+
     def num_tokens(self, resolution: int) -> int:
         """Number of tokens T produced for a square ``resolution × resolution`` input image."""
         resolution = int(resolution)

@@ -224,18 +224,27 @@ class OnlineEncoderTargets:
 
     @property
     def dim(self) -> int:
+        """The token width D; for ``kind: attention`` the encoder's number of heads."""
+        if self.tg.kind == "attention":
+            return int(self.encoder.model.config.num_attention_heads)
         return int(self.encoder.dim)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of one example's target: (T, D) or (D,)."""
+        """Shape of one example's target: (T, D), (D,) or, for attention maps, (layers, heads, T, T)."""
         if self.tg.kind == "pooled":
             return (self.dim,)
-        return (int(self.encoder.num_tokens(self.resolution)), self.dim)
+        t = int(self.encoder.num_tokens(self.resolution))
+        if self.tg.kind == "attention":
+            return (len(self.tg.attention_layers), self.dim, t, t)
+        return (t, self.dim)
 
     @torch.no_grad()
     def get(self, indices) -> torch.Tensor:
-        z = self.encoder(self.ds.raw_images(indices).to(self.device))
+        images = self.ds.raw_images(indices).to(self.device)
+        if self.tg.kind == "attention":
+            return self.encoder.attention_logits(images, list(self.tg.attention_layers))
+        z = self.encoder(images)
         return z.mean(dim=1) if self.tg.kind == "pooled" else z
 
 
