@@ -8,6 +8,12 @@ evaluator (:mod:`reed.image.metrics.shapes_eval`: FD in a network trained on the
 shape/count accuracy, malformed fraction, total variation of the attributes only the captions name), from the same
 noise and the same class-balanced labels for every checkpoint and method.
 
+The field's other methods (``--methods all``, :data:`METHODS`): ``reg`` entangles the fitted encoder's pooled
+vector (REG's class token; aligned as one more token of the token target), ``irepa`` (conv projector, spatial
+z-score), ``haste`` (REPA stopped at half the budget, HASTE's 250K of 500K; no attention term: the fitted encoder is a
+CNN without attention maps), ``sra`` (block 2 through its head to the EMA's block 3 at a less noisy time) and
+``disp`` (dispersive loss on the last block), each with its paper's coefficients; no target encoder for sra and disp.
+
 Knowledge effect (the full run): ``repa (own-data encoder)`` and ``reed (own-data encoder)`` use a VICReg encoder
 fitted on the generator's own training images (``image.fit.world_size=0``) instead of one fitted on
 ``image.fit.world_size`` other images of the world. Both encoders are fitted once, before training, into
@@ -37,6 +43,7 @@ of means); seed-paired ratios are listed beside it.
     python benchmarks/yardstick.py --quick    # 800 steps, seeds 0 1 2, sit/repa/reed (~17 min on 2 cores)
     python benchmarks/yardstick.py            # 3000 steps, seeds 0 1 2, + own-data encoder variants (~78 min)
     python benchmarks/yardstick.py --smoke    # 20 steps, 1 seed, 2 evaluations, 64 samples (a test)
+    python benchmarks/yardstick.py --quick --methods all   # + reg, irepa, haste, sra, disp (yardstick_methods_quick)
     python benchmarks/yardstick.py --device cuda --steps 3000 image.data.resolution=32 \\
         image.model.preset=SiT-S/2 image.data.size=50000    # scales up unchanged
 
@@ -79,13 +86,23 @@ from _common import sample_euler, steps_to_reach
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "yardstick_shapes.yaml"
 OWN = " (own-data encoder)"
-#: name -> (objective.method, encoder: "world" | "own" | None)
-METHODS: dict[str, tuple[str, str | None]] = {
-    "sit": ("sit", None), "repa": ("repa", "world"), "reed": ("reed", "world"),
-    f"repa{OWN}": ("repa", "own"), f"reed{OWN}": ("reed", "own"),
+#: name -> (objective.method, encoder: "world" | "own" | None, extra overrides in the config's step units)
+METHODS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
+    "sit": ("sit", None, ()), "repa": ("repa", "world", ()), "reed": ("reed", "world", ()),
+    f"repa{OWN}": ("repa", "own", ()), f"reed{OWN}": ("reed", "own", ()),
+    # the peer methods (issue 13), each with its paper's rule mapped onto this model and budget:
+    "reg": ("reg", "world", ("@entangle",)),  # the fitted encoder's pooled vector, entangled (see with_entangled)
+    "irepa": ("irepa", "world", ()),  # conv 3x3 projector, spatial z-score gamma 0.6 (the preset's auto values)
+    "haste": ("haste", "world", ("objective.curriculum.align_stop=1500",)),  # HASTE: stop at 250K of 500K -> half
+    # SRA's student block is REPA's (depth 2 here; 8 of 28 in SiT-XL/2), its teacher block 20 of 28 -> 3 of 4
+    "sra": ("sra", None, ("objective.self_align.student_depth=2", "objective.self_align.teacher_depth=3")),
+    "disp": ("disp", None, ()),  # lambda 0.25, tau 1, the last block (the PyTorch code)
 }
+BASE_METHODS = ("sit", "repa", "reed")
+PEER_METHODS = ("reg", "irepa", "haste", "sra", "disp")
 COLOURS = {"sit": "#777777", "repa": "#3a8a55", "reed": "#c8502a", f"repa{OWN}": "#2f6db5",
-           f"reed{OWN}": "#9b4dca"}
+           f"reed{OWN}": "#9b4dca", "reg": "#d4a017", "irepa": "#17becf", "haste": "#8c564b", "sra": "#e377c2",
+           "disp": "#1f1f7a"}
 THRESHOLD_FRACTIONS = (0.25, 0.5, 1.0)
 RESOLUTION_LIMIT = 0.10
 EVAL_SEED = 2024  # the noise of every evaluation
@@ -118,6 +135,30 @@ def schedule_overrides(base, steps: int) -> list[str]:
     return [*out, f"train.ema_decay={max(0.0, 1 - (1 - base.train.ema_decay) / f):.6g}"]
 
 
+def scale_counts(overrides: tuple[str, ...], steps: int, config_steps: int) -> list[str]:
+    """A method's extra overrides with step counts (``curriculum.align_stop``) scaled from the config's
+    ``train.steps`` to the budget, like :func:`schedule_overrides`."""
+    out = []
+    for o in overrides:
+        key, _, val = o.partition("=")
+        if key == "objective.curriculum.align_stop":
+            val = str(max(1, round(int(val) * steps / config_steps)))
+        out.append(f"{key}={val}")
+    return out
+
+
+def with_entangled(base, enc_index: int, path: str) -> str:
+    """The ``targets=[...]`` override of the ``reg`` runs: the config's targets plus the fitted encoder's pooled
+    vector as REG's entangled target (same depth and width as the token target, so it is aligned as one more
+    token of it, as REG does with DINOv2's class token)."""
+    from reed.config import to_dict
+
+    targets = [to_dict(t) for t in base.targets]
+    targets[enc_index]["path"] = path
+    ent = {**targets[enc_index], "name": f"{targets[enc_index]['name']}_vector", "kind": "pooled", "entangle": True}
+    return "targets=" + json.dumps([*targets, ent])  # JSON is YAML flow syntax
+
+
 def eval_steps(steps: int, n: int, first: int = 16) -> list[int]:
     """``n`` log-spaced evaluation steps from steps/first to steps (9 points from steps/16, or 13 from steps/8,
     land on steps/4 and steps/2 exactly)."""
@@ -141,9 +182,8 @@ def evaluate_checkpoints(run: Path, evaluator, num: int, sample_steps: int, devi
         t0 = time.perf_counter()
         model, cfg, _ = load_denoiser(ck, use_ema=True, device=device)
         g = torch.Generator().manual_seed(EVAL_SEED)  # the same noise and labels for every checkpoint and method
-        c, s, k = cfg.image.model.in_channels, cfg.image.model.input_size, cfg.image.model.num_classes
-        y = torch.arange(num) % k
-        noise = torch.randn(num, c, s, s, generator=g)
+        y = torch.arange(num) % cfg.image.model.num_classes
+        noise = model.initial_state(num, generator=g)  # for SiT: randn(num, C, H, W); REG: + its vector's noise
         res = evaluator(sample_euler(model, noise, y, sample_steps, device, batch=SAMPLE_BATCH), y)
         step = int(ck.name.split("_")[1])
         out[str(step)] = {"fd": _r(res["fd"]), "accuracy": _r(res["accuracy"]),
@@ -207,7 +247,7 @@ def thresholds_of(results: dict) -> dict[str, dict]:
     for f in THRESHOLD_FRACTIONS:
         v = max(value_at(smooth(as_curve(r)), f * steps) for r in sit)
         out.setdefault(f"{v:.4g}", {"value": v, "fraction": f, "step": f * steps,
-                                    "rule": f"max over {len(sit)} sit seed(s) of FD at {f:.0%} of the budget"})
+                                    "rule": f"max over {len(sit)} sit seed(s) of smoothed FD at {f:.0%} of the budget"})
     return out
 
 
@@ -228,6 +268,22 @@ def ratio(num: dict, den: dict, num_seeds: list[int], den_seeds: list[int]) -> d
         return {"value": None, "rel_spread": None, "per_seed": per_seed, "seeds": list(pair)}
     return {"value": round(num["mean"] / den["mean"], 3), "rel_spread": round(num["rel_spread"] + den["rel_spread"], 4),
             "per_seed": per_seed, "seeds": list(pair)}
+
+
+def summary_rules() -> dict[str, object]:
+    """The rules :func:`summarise` applies, for ``settings`` (rewritten by ``--replot`` with the summary)."""
+    return {
+        "smoothing": f"log FD: least-squares line on log step through {SMOOTH_WINDOW} consecutive evaluations centred "
+                     "on each (shifted inward at the ends); thresholds and steps to them from the smoothed curves, "
+                     "the unsmoothed steps beside them",
+        "threshold_rule": "max over the sit seeds of smoothed FD at "
+                          + ", ".join(f"{f:.0%}" for f in THRESHOLD_FRACTIONS)
+                          + " of the budget (log-step interpolation); never per method",
+        "threshold_fractions": list(THRESHOLD_FRACTIONS),
+        "steps_to_threshold_rule": "first step with smoothed FD <= threshold, linear in log-step between evaluations",
+        "rel_spread": "(max - min) / mean over seeds", "resolution_limit": RESOLUTION_LIMIT,
+        "speedup_spread": "relative spreads of the two means added (seed-paired ratios listed as per_seed)",
+    }
 
 
 def summarise(results: dict) -> None:
@@ -299,6 +355,35 @@ def report(results: dict) -> list[str]:
             if vals:
                 lines.append(f"[speed-up of {name} vs {base}] " + ", ".join(vals))
     return lines
+
+
+def markdown(results: dict) -> str:
+    """The README's tables from a results file: steps to each threshold per method (mean, spread) with the
+    resolution check, then the speed-ups against SiT and REPA (ratio of means, summed relative spreads)."""
+    methods = {n: m for n, m in results["methods"].items() if m["seeds"]}
+    thr = results["thresholds"]
+    head = "| FD threshold (from SiT) | " + " | ".join(methods) + " | resolved (≤ 10%)? |"
+    lines = [head, "|" + "---|" * (len(methods) + 2)]
+    for key, t in thr.items():
+        cells = []
+        for m in methods.values():
+            r = m["steps_to_threshold"][key]
+            cells.append("not reached" if r["mean"] is None else f"{r['mean']:.0f} ({r['rel_spread']:.1%})")
+        worst = results["resolution"][key]
+        ok = "**yes**" if results["resolution_ok"][key] else "no" + ("" if worst is None else f" (max {worst:.1%})")
+        lines.append(f"| {float(key):.0f} (SiT at {t['fraction']:.0%}) | " + " | ".join(cells) + f" | {ok} |")
+    lines += ["", "| speed-up (steps of the baseline / steps of the method) | " + " | ".join(
+        f"FD {float(k):.0f}" for k in thr) + " |", "|" + "---|" * (len(thr) + 1)]
+    for base in ("sit", "repa"):
+        for name, per in results.get(f"speedup_vs_{base}", {}).items():
+            if name == "sit":
+                continue
+            cells = ["—" if v["value"] is None else f"{v['value']:.2f}× (±{v['rel_spread']:.0%})" for v in per.values()]
+            lines.append(f"| {name} vs {base} | " + " | ".join(cells) + " |")
+    for name, per in results.get("knowledge_effect", {}).items():
+        cells = ["—" if v["value"] is None else f"{v['value']:.2f}× (±{v['rel_spread']:.0%})" for v in per.values()]
+        lines.append(f"| {name}: world encoder vs own-data encoder | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ plot
@@ -424,10 +509,14 @@ def main() -> None:
     know.add_argument("--knowledge", dest="knowledge", action="store_true", default=None,
                       help="also run repa/reed with the own-data encoder (default in full and smoke)")
     know.add_argument("--no-knowledge", dest="knowledge", action="store_false")
+    ap.add_argument("--methods", choices=("base", "all"), default="base",
+                    help="base: sit, repa, reed (issue 12); all: + reg, irepa, haste, sra, disp (writes "
+                         "yardstick_methods*.json)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work", default=str(ROOT / ".cache" / "reed" / "yardstick"), help="run dirs and encoders")
     ap.add_argument("--replot", action="store_true", help="recompute the summary and plot of the results file")
+    ap.add_argument("--markdown", action="store_true", help="print the results file's tables as markdown")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run (key.sub=value)")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -445,13 +534,20 @@ def main() -> None:
     sample_steps = args.sample_steps or defaults["sample_steps"]
     evals = eval_steps(steps, args.evals or defaults["evals"], defaults["first"])
     knowledge = defaults["knowledge"] if args.knowledge is None else args.knowledge
-    methods = [m for m, (_, enc) in METHODS.items() if knowledge or enc != "own"]
+    chosen = BASE_METHODS + (PEER_METHODS if args.methods == "all" else ())
+    methods = [m for m in METHODS if m in chosen or (knowledge and m.endswith(OWN))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
-    res_path = out / ("yardstick.json" if name == "full" else f"yardstick_{name}.json")
+    stem = "yardstick" + ("_methods" if args.methods == "all" else "")
+    res_path = out / (f"{stem}.json" if name == "full" else f"{stem}_{name}.json")
+    if args.markdown:
+        print(markdown(json.loads(res_path.read_text())))
+        return
     if args.replot:
         results = json.loads(res_path.read_text())
+        rules = {**summary_rules(), "summary_recomputed_by": "--replot (curves as measured, rules as above)"}
+        results["settings"] = dict(sorted({**results["settings"], **rules}.items()))
         summarise(results)
         res_path.write_text(json.dumps(results, indent=1) + "\n")
         plot(results, res_path.with_suffix(".png"))
@@ -476,28 +572,19 @@ def main() -> None:
         results["methods"].setdefault(m, {"seeds": []})
     results["settings"] = {
         **identity, "command": shlex.join([sys.executable, *sys.argv]), "mode": name, "seeds": seeds,
-        "methods": {m: {"objective.method": METHODS[m][0], "encoder": METHODS[m][1]} for m in methods},
+        "methods": {m: {"objective.method": METHODS[m][0], "encoder": METHODS[m][1],
+                        "overrides": scale_counts(METHODS[m][2], steps, base.train.steps)} for m in methods},
         "eval_points": len(evals), "eval_spacing": f"log, steps/{defaults['first']} .. steps",
-        "smoothing": f"log FD: least-squares line on log step through {SMOOTH_WINDOW} consecutive evaluations centred "
-                     "on each (shifted inward at the ends); thresholds and steps to them from the smoothed curves, "
-                     "the unsmoothed steps beside them",
         "sampler": f"euler {sample_steps} steps, no CFG, EMA weights",
         "schedule_rule": "none (--keep-schedule or the config's steps)" if not schedule else
                          f"config schedule scaled by {steps}/{base.train.steps}: curriculum counts in proportion, "
                          "1 - ema_decay inversely (the lr warm-up kept)",
         "config_steps": base.train.steps, "labels": "class-balanced (i mod K)",
         "eval_noise_seed": EVAL_SEED,
-        "threshold_rule": "max over the sit seeds of smoothed FD at "
-                          + ", ".join(f"{f:.0%}" for f in THRESHOLD_FRACTIONS)
-                          + " of the budget (log-step interpolation); never per method",
-        "threshold_fractions": list(THRESHOLD_FRACTIONS),
-        "steps_to_threshold_rule": "first step with smoothed FD <= threshold, linear in log-step between evaluations",
-        "rel_spread": "(max - min) / mean over seeds", "resolution_limit": RESOLUTION_LIMIT,
-        "speedup_spread": "relative spreads of the two means added (seed-paired ratios listed as per_seed)",
         "model": base.image.model.preset, "batch_size": base.train.batch_size, "resolution": base.image.data.resolution,
         "train_size": base.image.data.size, "encoder_world_size": base.image.fit.world_size,
         "encoder_fit_steps": base.image.fit.steps, "device": args.device, "machine": machine(),
-        "torch": torch.__version__, "wall_seconds": prev_wall,
+        "torch": torch.__version__, "wall_seconds": prev_wall, **summary_rules(),
     }
     results["settings"] = {k: results["settings"][k] for k in sorted(results["settings"])}
 
@@ -527,8 +614,11 @@ def main() -> None:
         if any(r["seed"] == seed for r in results["methods"][m]["seeds"]):
             print(f"[skip] {label}: already in {res_path}", flush=True)
             continue
-        method, enc = METHODS[m]
+        method, enc, more = METHODS[m]
         extra = ["targets=[]"] if enc is None else [f"targets.{enc_index[0]}.path={results['encoders'][enc]['path']}"]
+        if "@entangle" in more:
+            extra = [with_entangled(base, enc_index[0], results["encoders"][enc]["path"])]
+        extra += scale_counts(tuple(o for o in more if o != "@entangle"), steps, base.train.steps)
         run_dir = work / "runs" / f"{m.replace(OWN, '-own')}_seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = load_config(args.config, [*schedule, *args.overrides, *common, f"objective.method={method}",
