@@ -3,6 +3,7 @@ resume bit-exactly across a checkpoint (for haste across its alignment stop, for
 restored), sample and evaluate."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,28 @@ def test_haste_with_attention_distillation_from_an_online_vit(tmp_path):
     assert all(0 < r["align/dino_attn"] < 10 for r in recs[:3])  # a cross-entropy of rows over 16 keys
     assert [("align/dino_attn" in r, r["w_align"]) for r in recs] == [(True, 1.0)] * 3 + [(False, 0.0)]
     assert recs[3]["loss"] == recs[3]["loss_gen"]
+
+
+def test_every_preset_trains_on_the_yardstick_world(tmp_path):
+    """The eight presets a few steps on the shapes world (the yardstick's config, shrunk): a VICReg encoder fitted on
+    the world's own encoder range, the real MiniLM caption target; the loss is finite and each method's own terms
+    are logged."""
+    cfg_path = ROOT / "configs" / "yardstick_shapes.yaml"
+    enc = tmp_path / "enc"
+    small = ["image.data.size=64", "image.fit.world_size=256", "image.fit.steps=5", f"targets.0.path={enc}",
+             f"train.cache_dir={tmp_path / 'c'}", "train.progress=false", "train.batch_size=16", "train.steps=3",
+             "train.log_every=1", "train.checkpoint_every=0"]
+    assert main(["fit-encoder", str(cfg_path), *small]) == 0
+    entangled = (f"targets=[{{name: ssl, source: fitted_encoder, path: '{enc}', kind: tokens, depth: 2, "
+                 f"projector_dim: 32}}, {{name: ssl_vector, source: fitted_encoder, path: '{enc}', kind: pooled, "
+                 f"depth: 2, entangle: true}}]")
+    extra = {"reg": [entangled], "haste": ["objective.curriculum.align_stop=2"],
+             "sra": ["objective.self_align.student_depth=2", "objective.self_align.teacher_depth=3"]}
+    logged = {"sit": "loss_gen", "repa": "align/ssl", "reed": "align/caption", "reg": "loss_entangled",
+              "irepa": "align/ssl", "haste": "align/ssl", "sra": "self_align", "disp": "dispersive"}
+    for method, key in logged.items():
+        cfg = load_config(cfg_path, [*small, f"objective.method={method}", *extra.get(method, [])])
+        train(cfg, tmp_path / method)
+        recs = metrics(tmp_path / method)
+        assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs), method
+        assert key in recs[0], (method, sorted(recs[0]))
