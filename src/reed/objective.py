@@ -260,6 +260,10 @@ class Objective:
             e = self.entangled
             self.joint = next((t for t in self.terms if t.kind == "tokens" and t.depth == e.depth and t.dim == e.dim
                                and t.target_norm == "none"), None)
+        #: the feature terms with their own projector (not the entangled target once it joined a token term, not
+        #: the attention terms)
+        self.projected: list[AlignTerm] = [t for t in self.terms if t.kind != "attention"
+                                           and not (t is self.entangled and self.joint is not None)]
         self.proj_coeff = proj_coeff
         self.curriculum = curriculum or Curriculum()
         if self.rule.needs_stop and self.curriculum.align_stop <= 0:
@@ -311,9 +315,7 @@ class Objective:
         if self.entangled is not None and getattr(denoiser, "cls_dim", 0) != self.entangled.dim:
             raise ValueError(f"the entangled target '{self.entangled.name}' is {self.entangled.dim}-d but the "
                              f"denoiser's representation token is {getattr(denoiser, 'cls_dim', 0)}-d")
-        projected = [t for t in self.terms if not (t is self.entangled and self.joint is not None)
-                     and t.kind != "attention"]
-        return ReedModule(denoiser, projected, denoiser.hidden_size, heads=heads)
+        return ReedModule(denoiser, self.projected, denoiser.hidden_size, heads=heads)
 
     @property
     def taps(self) -> list:
@@ -419,8 +421,7 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         align = out.loss_gen.new_zeros((), dtype=torch.float32)
         stopped = self.curriculum.align_stop > 0 and w_align == 0.0
-        aligned = [t for t in self.terms if not (t is self.entangled and self.joint is not None)
-                   and t.kind != "attention"]
+        aligned = self.projected
         attention = out.loss_gen.new_zeros((), dtype=torch.float32)
         for term in [] if stopped else [t for t in self.terms if t.kind == "attention"]:
             per_sample = self._attention_term(term, out, self._target(targets, term.name))
@@ -444,14 +445,15 @@ class Objective:
                 mask = mask.flatten(1, 2) if mask is not None else None
             if term.standardize:
                 z = masked_standardize(z, mask)
-            if term is self.joint:  # REG: the entangled token is one more token of this target, concat[c, z]
+            joint = term is self.joint
+            if joint:  # REG: the entangled token is one more token of this target, concat[c, z]
                 h = torch.cat([slot, h], dim=1)
             zhat = inner.projectors[term.name](h)
-            if term.kind == "tokens" and z.shape[1] != zhat.shape[1] - (1 if term is self.joint else 0):
-                z = resample_tokens(z, zhat.shape[1] - (1 if term is self.joint else 0))
+            if term.kind == "tokens" and z.shape[1] != zhat.shape[1] - joint:
+                z = resample_tokens(z, zhat.shape[1] - joint)
             if term.target_norm == "spatial":
                 z = spatial_zscore(z, term.target_norm_gamma)
-            if term is self.joint:
+            if joint:
                 z = torch.cat([self._target(targets, self.entangled.name).to(z.dtype).unsqueeze(1), z], dim=1)
                 if mask is not None:
                     mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)

@@ -308,23 +308,21 @@ class ImageEncoder(nn.Module):
         blocks = {int(i): [] for i in layers}
         captured: dict[tuple[int, str], Tensor] = {}
         handles = []
-        for name, mod in self.model.named_modules():
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-1] in ("q_proj", "k_proj", "query", "key") and "layer" in parts:
-                i = int(parts[parts.index("layer") + 1]) + 1
-                if i in blocks:
-                    role = "q" if parts[-1] in ("q_proj", "query") else "k"
-                    blocks[i].append(role)
-                    handles.append(mod.register_forward_hook(
-                        lambda _m, _a, out, key=(i, role): captured.__setitem__(key, out)))
-        missing = [i for i, roles in blocks.items() if sorted(roles) != ["k", "q"]]
-        if missing:
-            for h in handles:
-                h.remove()
-            raise ValueError(f"{self.name}: no query/key projections found for block(s) {missing} "
-                             f"(attention layers are 1-based, the encoder has "
-                             f"{self.model.config.num_hidden_layers})")
         try:
+            for name, mod in self.model.named_modules():
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[-1] in ("q_proj", "k_proj", "query", "key") and "layer" in parts:
+                    i = int(parts[parts.index("layer") + 1]) + 1
+                    if i in blocks:
+                        role = "q" if parts[-1] in ("q_proj", "query") else "k"
+                        blocks[i].append(role)
+                        handles.append(mod.register_forward_hook(
+                            lambda _m, _a, out, key=(i, role): captured.__setitem__(key, out)))
+            missing = [i for i, roles in blocks.items() if sorted(roles) != ["k", "q"]]
+            if missing:
+                raise ValueError(f"{self.name}: no query/key projections found for block(s) {missing} "
+                                 f"(attention layers are 1-based, the encoder has "
+                                 f"{self.model.config.num_hidden_layers})")
             self.forward(images)
         finally:
             for h in handles:
