@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 RUN ?= runs/demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: venv
 	$(BIN)/python benchmarks/target_store.py
 	$(BIN)/python benchmarks/throughput.py --cpu-subset
 	$(BIN)/python benchmarks/convergence.py
+
+# The one-call device check (benchmarks/gpu_check.py): on a machine with one CUDA GPU, with this checkout's .venv
+# or, on a bare GPU image that already holds torch, its python3 (nothing is installed or downloaded).
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,PYTHONPATH=src $(PY))
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -97,12 +97,16 @@ METHODS: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     # SRA's student block is REPA's (depth 2 here; 8 of 28 in SiT-XL/2), its teacher block 20 of 28 -> 3 of 4
     "sra": ("sra", None, ("objective.self_align.student_depth=2", "objective.self_align.teacher_depth=3")),
     "disp": ("disp", None, ()),  # lambda 0.25, tau 1, the last block (the PyTorch code)
+    # a combination (issue 13): REED (tokens + caption + curriculum) with iREPA's conv projector and spatial z-score on
+    # the token target and REG's entangled pooled vector ("{enc}": the fitted-encoder target's index)
+    "reed+irepa+reg": ("reed", "world", ("@entangle", "targets.{enc}.projector=conv",
+                                          "targets.{enc}.target_norm=spatial")),
 }
 BASE_METHODS = ("sit", "repa", "reed")
-PEER_METHODS = ("reg", "irepa", "haste", "sra", "disp")
+PEER_METHODS = ("reg", "irepa", "haste", "sra", "disp", "reed+irepa+reg")
 COLOURS = {"sit": "#777777", "repa": "#3a8a55", "reed": "#c8502a", f"repa{OWN}": "#2f6db5",
            f"reed{OWN}": "#9b4dca", "reg": "#d4a017", "irepa": "#17becf", "haste": "#8c564b", "sra": "#e377c2",
-           "disp": "#1f1f7a"}
+           "disp": "#1f1f7a", "reed+irepa+reg": "#e41a1c"}
 THRESHOLD_FRACTIONS = (0.25, 0.5, 1.0)
 RESOLUTION_LIMIT = 0.10
 EVAL_SEED = 2024  # the noise of every evaluation
@@ -165,6 +169,12 @@ def eval_steps(steps: int, n: int, first: int = 16) -> list[int]:
     if n <= 1:
         return [steps]
     return sorted({max(1, int(round(x))) for x in np.geomspace(steps / first, steps, n)})
+
+
+def _earlier_commands(settings: dict, now: str) -> list[str]:
+    """The commands that wrote the runs already in a results file (e.g. a method added later with ``--only``)."""
+    cmds = [*settings.get("earlier_commands", []), *([settings["command"]] if "command" in settings else [])]
+    return [c for i, c in enumerate(cmds) if c != now and c not in cmds[:i]]
 
 
 def _r(x: float) -> float:
@@ -512,6 +522,9 @@ def main() -> None:
     ap.add_argument("--methods", choices=("base", "all"), default="base",
                     help="base: sit, repa, reed (issue 12); all: + reg, irepa, haste, sra, disp (writes "
                          "yardstick_methods*.json)")
+    ap.add_argument("--only", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
+                    help="run only these of the chosen methods (a pilot of a design change, e.g. --only sit "
+                         "--out /tmp/pilot train.batch_size=256)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work", default=str(ROOT / ".cache" / "reed" / "yardstick"), help="run dirs and encoders")
@@ -536,6 +549,8 @@ def main() -> None:
     knowledge = defaults["knowledge"] if args.knowledge is None else args.knowledge
     chosen = BASE_METHODS + (PEER_METHODS if args.methods == "all" else ())
     methods = [m for m in METHODS if m in chosen or (knowledge and m.endswith(OWN))]
+    if args.only:
+        methods = [m for m in methods if m in args.only] or list(args.only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -572,8 +587,10 @@ def main() -> None:
         results["methods"].setdefault(m, {"seeds": []})
     results["settings"] = {
         **identity, "command": shlex.join([sys.executable, *sys.argv]), "mode": name, "seeds": seeds,
-        "methods": {m: {"objective.method": METHODS[m][0], "encoder": METHODS[m][1],
-                        "overrides": scale_counts(METHODS[m][2], steps, base.train.steps)} for m in methods},
+        "earlier_commands": _earlier_commands(results.get("settings", {}), shlex.join([sys.executable, *sys.argv])),
+        "methods": {**results.get("settings", {}).get("methods", {}),  # the methods of earlier runs into this file
+                    **{m: {"objective.method": METHODS[m][0], "encoder": METHODS[m][1],
+                           "overrides": scale_counts(METHODS[m][2], steps, base.train.steps)} for m in methods}},
         "eval_points": len(evals), "eval_spacing": f"log, steps/{defaults['first']} .. steps",
         "sampler": f"euler {sample_steps} steps, no CFG, EMA weights",
         "schedule_rule": "none (--keep-schedule or the config's steps)" if not schedule else
@@ -618,7 +635,8 @@ def main() -> None:
         extra = ["targets=[]"] if enc is None else [f"targets.{enc_index[0]}.path={results['encoders'][enc]['path']}"]
         if "@entangle" in more:
             extra = [with_entangled(base, enc_index[0], results["encoders"][enc]["path"])]
-        extra += scale_counts(tuple(o for o in more if o != "@entangle"), steps, base.train.steps)
+        extra += scale_counts(tuple(o.replace("{enc}", str(enc_index[0])) for o in more if o != "@entangle"), steps,
+                              base.train.steps)
         run_dir = work / "runs" / f"{m.replace(OWN, '-own')}_seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = load_config(args.config, [*schedule, *args.overrides, *common, f"objective.method={method}",

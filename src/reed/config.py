@@ -82,6 +82,9 @@ class TargetConfig:
       required by ``objective.method=reg``, usable with any method that keeps the target.
     projector_layers: MLP depth of the projector (3 for images as in REPA, 2 for the protein heads).
     modality: ``image`` targets are the only ones the ``repa`` preset uses.
+    encoder_dtype / encoder_compile: ``source: encoder`` (online) only: the precision the frozen encoder runs in
+      (``auto``: bfloat16 on CUDA, float32 on CPU; its tokens are returned as float32) and whether it is
+      torch.compiled (on CUDA its input is also channels-last).
     """
 
     name: str = "target"
@@ -111,6 +114,8 @@ class TargetConfig:
     attention_layers: list[int] = field(default_factory=lambda: [9, 10, 11, 12])
     attention_blocks: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
     attention_heads: int | None = None
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    encoder_compile: bool = False
 
 
 @dataclass
@@ -203,6 +208,26 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)
     cache_dir: str = ".cache/reed"
     progress: bool = True
+    #: data-loader worker processes preparing micro-batches ahead (reed.loader); null: 4 on CUDA, 0 on CPU
+    workers: int | None = None
+    #: steps each worker prepares ahead
+    prefetch: int = 2
+    #: page-locked host batches (CUDA only), so the copy to the device overlaps compute
+    pin_memory: bool = True
+    #: "log": the loss's finiteness is read from the device every log_every steps and before every checkpoint
+    #: (no per-step host sync; training stops at the first non-finite step's checkpoint boundary); "step": every
+    #: step, at once (exact, for debugging; synchronises the device each step)
+    finite_check: Literal["log", "step"] = "log"
+    #: torch.compile the denoiser (nn.Module.compile: checkpoints keep their keys)
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    #: TF32 matmuls and convolutions on CUDA (Ampere and newer); no effect on CPU
+    tf32: bool = True
+    #: the fused (single-kernel) AdamW/Adam on CUDA; no effect on CPU
+    fused_optimizer: bool = True
+    #: recompute each block's activations in the backward pass instead of storing them (less memory, ~30% more
+    #: compute); for denoisers with ``set_activation_checkpointing`` (SiT, the protein MPNN)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -490,6 +515,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'train.betas' needs two numbers in [0, 1), got {t.betas}")
     if t.epochs < 0:
         raise ConfigError(f"config key 'train.epochs' must be >= 0, got {t.epochs}")
+    if t.workers is not None and t.workers < 0:
+        raise ConfigError(f"config key 'train.workers' must be >= 0 (or null: 4 on CUDA, 0 on CPU), got {t.workers}")
+    if t.prefetch < 1:
+        raise ConfigError(f"config key 'train.prefetch' must be >= 1, got {t.prefetch}")
     names = [tg.name for tg in cfg.targets]
     if len(set(names)) != len(names):
         raise ConfigError(f"target names must be unique, got {names}")

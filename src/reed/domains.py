@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -45,7 +45,9 @@ class Domain(Protocol):
 
     ``setup`` loads data and targets and returns the resolved config (target dims, model sizes, steps);
     ``build_denoiser`` returns a module whose forward gives ``(prediction, {tap: hidden})``;
-    ``micro_batches`` yields the ``train.grad_accum`` micro-batches of this process at ``step``;
+    ``host_batches`` returns the ``train.grad_accum`` micro-batches of this process at ``step`` as CPU objects, a
+    pure function of (seed, step, rank) that runs in a data-loader worker (:mod:`reed.loader`), and
+    ``device_batch`` turns one of them into what ``loss`` takes, on the device, with the step's generator;
     ``loss`` returns ``(scalar loss, {name: detached scalar})`` of one micro-batch;
     ``evaluate`` runs on the EMA model when ``eval_due`` and returns metrics to log (may be empty).
     """
@@ -57,8 +59,9 @@ class Domain(Protocol):
 
     def build_objective(self) -> Objective: ...
 
-    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator,
-                      device: torch.device) -> Iterator[Any]: ...
+    def host_batches(self, step: int, rank: int, world: int) -> list[Any]: ...
+
+    def device_batch(self, host: Any, device: torch.device, generator: torch.Generator) -> Any: ...
 
     def loss(self, objective: Objective, module: ReedModule, batch: Any, step: int,
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...

@@ -6,6 +6,15 @@ Layout of a store directory::
                      "preprocessing": {...}, "shape": [T, D] or [D], "dtype": "float16"|"float32", "count": N,
                      "dataset_fingerprint": ..., "shard_size": S, "shards": [{"index", "count", "file"}]}
     z_00000.npy     (n, T, D) or (n, D) rows [i*S, (i+1)*S) of the data set, in data-set order
+    s_00000.npy     int8 stores only: (n, T) or (n,) float32 scale of each vector (its max |value| / 127)
+
+Storage dtypes (:data:`STORE_DTYPES`; bytes per value): ``float32`` (4), ``float16`` (2, overflows above 65504),
+``bfloat16`` (2, float32's range with 8 significant bits; saved as int16 bits), ``int8`` (1 + 4/D: each target
+vector quantised to round(127 v / max|v|) with its scale; the cosine of alignment is scale-free, and the relative
+error of a component is at most 1/254 of the vector's largest one). The ImageNet DINOv2-B token target (1.28M x 256
+x 768) is 1007 GB in float32, 503 GB in float16 or bfloat16, 253 GB in int8. Readers get float32
+(:meth:`TargetStore.get`) or the stored values and scales (:meth:`TargetStore.get_stored`, which a training batch
+copies to the device before :func:`dequantize`, halving or quartering the bytes copied).
 
 Shards are written atomically (temp name + rename) and a finished shard is never recomputed, so an interrupted
 ``reed embed`` resumes without duplicates or gaps; shard i belongs to process ``i % num_processes`` under
@@ -40,12 +49,43 @@ from reed.errors import DataError
 from reed.io import atomic_save_npy, atomic_write_json
 
 KIND = "reed.targets"
+STORE_DTYPES = ("float16", "float32", "bfloat16", "int8")
 VERSION = 1
 _FULL_SCAN_BYTES = 2 << 30  # stores up to 2 GiB are scanned fully for NaN on open; larger ones per shard edge rows
 
 
 def shard_file(i: int) -> str:
     return f"z_{i:05d}.npy"
+
+
+def scale_file(i: int) -> str:
+    return f"s_{i:05d}.npy"
+
+
+def quantize(z: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 rows (n, ..., D) -> (stored values, int8's per-vector scales (n, ...) or None)."""
+    if dtype == "int8":
+        amax = np.abs(z).max(axis=-1)
+        scale = (amax / 127.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0)[..., None]
+        return np.clip(np.rint(z / safe), -127, 127).astype(np.int8), scale
+    if dtype == "bfloat16":  # round to nearest even in torch, keep the 16 bits as int16 (numpy has no bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(torch.bfloat16).view(
+            torch.int16).numpy(), None
+    with np.errstate(over="ignore"):  # float16 overflow is refused by the writer, with the numbers
+        return z.astype(np.float16 if dtype == "float16" else np.float32), None
+
+
+def stored_tensor(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored values as a tensor of their dtype (bfloat16 from its int16 bits)."""
+    t = torch.from_numpy(np.ascontiguousarray(values))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """float32 rows from :meth:`TargetStore.get_stored`'s values (and int8 scales), on their device."""
+    z = values.float()
+    return z * scale.float().unsqueeze(-1) if scale is not None else z
 
 
 #: ``F.normalize``'s eps in :func:`reed.align.negative_cosine`: a target vector with a smaller fp32 norm is not
@@ -105,8 +145,8 @@ class TargetStoreWriter:
     def __init__(self, directory: str | Path, *, source: str, count: int, shape: Sequence[int], dtype: str = "float16",
                  shard_size: int = 10_000, weights_fingerprint: str = "", dataset_fingerprint: str = "",
                  preprocessing: dict[str, Any] | None = None):
-        if dtype not in ("float16", "float32"):
-            raise DataError(f"target store dtype must be float16 or float32, got {dtype!r}")
+        if dtype not in STORE_DTYPES:
+            raise DataError(f"target store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
         self.dir = Path(directory)
         self.meta = {"kind": KIND, "version": VERSION, "source": source, "weights_fingerprint": weights_fingerprint,
                      "preprocessing": preprocessing or {}, "shape": [int(s) for s in shape], "dtype": dtype,
@@ -133,6 +173,10 @@ class TargetStoreWriter:
             return False
         try:
             arr = np.load(p, mmap_mode="r")
+            if self.meta["dtype"] == "int8":
+                sc = np.load(self.dir / scale_file(i), mmap_mode="r")
+                if sc.shape != (len(self.shard_range(i)), *self.meta["shape"][:-1]):
+                    return False
         except Exception:  # noqa: BLE001 - an unreadable shard is simply redone
             return False
         return arr.shape == (len(self.shard_range(i)), *self.meta["shape"])
@@ -144,10 +188,10 @@ class TargetStoreWriter:
         todo = [i for i in mine if not self.done(i)]
         bar = tqdm(total=sum(len(self.shard_range(i)) for i in todo), disable=not progress, desc="embed",
                    dynamic_ncols=True)
-        np_dtype = np.float16 if self.meta["dtype"] == "float16" else np.float32
+        dtype = self.meta["dtype"]
         for i in todo:
             rows = np.arange(self.shard_range(i).start, self.shard_range(i).stop)
-            chunks = []
+            chunks, scales = [], []
             for j in range(0, len(rows), batch_size):
                 z = compute(rows[j : j + batch_size])
                 z = z.detach().float().cpu().numpy() if torch.is_tensor(z) else np.asarray(z, dtype=np.float32)
@@ -157,17 +201,20 @@ class TargetStoreWriter:
                 if not np.isfinite(z).all():
                     raise DataError(f"target source '{self.meta['source']}' produced NaN/inf for examples "
                                     f"{rows[j]}..{rows[j] + len(z) - 1}; nothing was written for shard {i}")
-                with np.errstate(over="ignore"):  # overflow is refused just below, with the numbers
-                    stored = z.astype(np_dtype)
-                if not np.isfinite(stored).all():
+                stored, scale = quantize(z, dtype)
+                back = dequantize(stored_tensor(stored, dtype), None if scale is None else torch.from_numpy(scale))
+                if not torch.isfinite(back).all():
                     raise DataError(f"target source '{self.meta['source']}' produced values up to "
                                     f"{np.abs(z).max():.3g} for examples {rows[j]}..{rows[j] + len(z) - 1}, beyond "
-                                    f"the {self.meta['dtype']} range ({np.finfo(np_dtype).max:.5g}); write the store "
-                                    "as float32 (reed embed --dtype float32) or rescale the target")
-                target_vector_counts(stored, f"target source '{self.meta['source']}' (examples {rows[j]}.."
+                                    f"the {dtype} range (65504); write the store with --dtype float32 (or "
+                                    "bfloat16) or rescale the target")
+                target_vector_counts(back, f"target source '{self.meta['source']}' (examples {rows[j]}.."
                                      f"{rows[j] + len(z) - 1})")
                 chunks.append(stored)
+                scales.append(scale)
                 bar.update(len(z))
+            if dtype == "int8":  # the scales first: a values file without its scales is redone
+                atomic_save_npy(self.dir / scale_file(i), np.concatenate(scales))
             atomic_save_npy(self.dir / shard_file(i), np.concatenate(chunks))
         bar.close()
         return {"written": len(todo), "skipped": len(mine) - len(todo)}
@@ -216,33 +263,46 @@ class TargetStore:
         if expect_dataset and stored_fp and stored_fp != expect_dataset:
             raise DataError(f"target store {self.dir} was computed for a different data set (fingerprint "
                             f"{self.meta['dataset_fingerprint']} != {expect_dataset})")
+        self.dtype = self.meta.get("dtype", "float16")
+        if self.dtype not in STORE_DTYPES:
+            raise DataError(f"target store {self.dir} has dtype {self.dtype!r}; this reed reads "
+                            f"{', '.join(STORE_DTYPES)}")
         self.shards: list[np.ndarray] = []
+        self.scales: list[np.ndarray] = []  # int8 stores: (n, *shape[:-1]) per shard
         total = 0
         for sh in self.meta["shards"]:
             p = self.dir / sh["file"]
-            if not p.is_file():
-                raise DataError(f"target store shard missing: {p}")
-            try:
-                arr = np.load(p, mmap_mode="r")
-            except Exception as e:  # noqa: BLE001
-                raise DataError(f"target store shard {p} is corrupt ({e})") from None
-            if arr.shape != (sh["count"], *self.shape):
-                raise DataError(f"target store shard {p} has shape {arr.shape}, manifest says "
-                                f"{(sh['count'], *self.shape)}")
-            self.shards.append(arr)
-            total += arr.shape[0]
+            files = [(p, (sh["count"], *self.shape))]
+            if self.dtype == "int8":
+                files.append((self.dir / scale_file(sh["index"]), (sh["count"], *self.shape[:-1])))
+            for k, (f, want) in enumerate(files):
+                if not f.is_file():
+                    raise DataError(f"target store shard missing: {f}")
+                try:
+                    arr = np.load(f, mmap_mode="r")
+                except Exception as e:  # noqa: BLE001
+                    raise DataError(f"target store shard {f} is corrupt ({e})") from None
+                if arr.shape != want:
+                    raise DataError(f"target store shard {f} has shape {arr.shape}, manifest says {want}")
+                (self.shards if k == 0 else self.scales).append(arr)
+            total += sh["count"]
         if total != self.count:
             raise DataError(f"target store {self.dir}: shards hold {total} rows, manifest says {self.count}")
         if scan:
             self._scan()
+
+    def _float_rows(self, i: int, rows: slice | np.ndarray) -> torch.Tensor:
+        """float32 rows of shard ``i``."""
+        sc = torch.from_numpy(np.array(self.scales[i][rows])) if self.dtype == "int8" else None
+        return dequantize(stored_tensor(np.array(self.shards[i][rows]), self.dtype), sc)
 
     def _scan(self) -> None:
         """:func:`check_target_values` over every row (stores up to 2 GiB) or the 64 first and last rows per shard."""
         full = sum(a.nbytes for a in self.shards) <= _FULL_SCAN_BYTES
         total = small = 0
         for i, a in enumerate(self.shards):
-            part = a if full else np.concatenate([a[:64], a[-64:]])
-            t, s = target_vector_counts(part, f"target store {self.dir}: shard {shard_file(i)}")
+            rows = slice(None) if full or len(a) <= 128 else np.r_[0:64, len(a) - 64 : len(a)]
+            t, s = target_vector_counts(self._float_rows(i, rows), f"target store {self.dir}: shard {shard_file(i)}")
             total, small = total + t, small + s
         where = f"target store {self.dir}" + ("" if full else " (first and last 64 rows of each shard)")
         check_zero_vectors(total, small, where, refuse_all=full)
@@ -256,10 +316,21 @@ class TargetStore:
 
     def get(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Rows for global ``indices`` as float32 (len, *shape)."""
+        return dequantize(*self.get_stored(indices))
+
+    def get_stored(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor | None]:
+        """Rows for global ``indices`` as stored: (values (len, *shape) in the store's dtype, int8's scales
+        (len, *shape[:-1]) or None); :func:`dequantize` turns them into float32 (on the device, after the copy)."""
         idx = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
-        out = np.empty((len(idx), *self.shape), dtype=np.float32)
+        values = self._gather(self.shards, idx, self.shape)
+        scales = self._gather(self.scales, idx, self.shape[:-1]) if self.dtype == "int8" else None
+        return stored_tensor(values, self.dtype), None if scales is None else torch.from_numpy(scales)
+
+    def _gather(self, arrays: list[np.ndarray], idx: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty((len(idx), *shape), dtype=arrays[0].dtype)
         shard, off = np.divmod(idx, self.shard_size)
         for s in np.unique(shard):
             sel = shard == s
-            out[sel] = self.shards[int(s)][np.sort(off[sel])][np.argsort(np.argsort(off[sel]))]
-        return torch.from_numpy(out)
+            out[sel] = arrays[int(s)][np.sort(off[sel])][np.argsort(np.argsort(off[sel]))]
+        return out

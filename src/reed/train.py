@@ -21,6 +21,7 @@ makes an interrupted and resumed run reproduce the uninterrupted loss curve.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ from reed.domains import get_domain, get_task
 from reed.ema import EMA
 from reed.errors import CheckpointError, ConfigError, NonFiniteLossError
 from reed.io import atomic_write_text
+from reed.loader import default_workers, step_batches
 from reed.plots import plot_loss_curve
 
 __all__ = ["train", "TrainResult", "config_differences", "resume_config", "read_jsonl", "existing_run"]
@@ -175,10 +177,12 @@ def _lr_factor(tc) -> Callable[[int], float]:
     return lambda s: min(1.0, (s + 1) / warm)
 
 
-def build_optimizer(params, tc) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or Adam (L2 in the gradient) per ``train.optimizer``, with ``amsgrad``."""
+def build_optimizer(params, tc, *, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay) or Adam (L2 in the gradient) per ``train.optimizer``, with ``amsgrad``;
+    ``fused``: the single-kernel CUDA implementation (same update, fewer launches)."""
     cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, amsgrad=tc.amsgrad)
+    return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, amsgrad=tc.amsgrad,
+               **({"fused": True} if fused else {}))
 
 
 def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc) -> None:
@@ -190,6 +194,24 @@ def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc) -> None:
         g.update(lr=tc.lr * factor, initial_lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                  amsgrad=tc.amsgrad)
     sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _first_non_finite(bad: dict[str, torch.Tensor] | None, logs: dict, loss: torch.Tensor,
+                      step: int) -> dict[str, torch.Tensor]:
+    """The device's record of the first step whose ``loss`` is not finite: ``{"step": (), name: () ...}`` with step
+    -1 and NaN values while there is none. Pure tensor ops (``torch.where``), so recording it never waits for the
+    device; the trainer reads it at logged steps and checkpoint boundaries."""
+    dev = loss.device
+    first = ~torch.isfinite(loss) if bad is None else ~torch.isfinite(loss) & (bad["step"] < 0)
+    prev = bad or {"step": torch.full((), -1, dtype=torch.long, device=dev)}
+    nan = torch.full((), math.nan, device=dev)  # a fill, not a copy from the host
+
+    def on_device(v):  # python numbers (schedule weights) filled on the device, tensors as they are
+        return v.float() if isinstance(v, torch.Tensor) else torch.full((), float(v), device=dev)
+
+    out = {k: torch.where(first, on_device(v), prev.get(k, nan)) for k, v in logs.items()}
+    out["step"] = torch.where(first, step, prev["step"])
+    return out
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -271,14 +293,29 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                           f"(fingerprint {data_id}, checkpoint {saved_id}); pass --allow-data-change to resume on "
                           f"them anyway")
 
+    # speed options, resolved for this device and recorded in the run's config.yaml
+    tc = replace(tc, workers=tc.workers if tc.workers is not None else default_workers(device))
+    cfg = replace(cfg, train=tc)
+    pin = tc.pin_memory and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+        torch.backends.cudnn.allow_tf32 = tc.tf32
+
     torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
     denoiser = task.build_denoiser()
+    if tc.activation_checkpointing:
+        if not hasattr(denoiser, "set_activation_checkpointing"):
+            raise ConfigError(f"config key 'train.activation_checkpointing': the {cfg.domain} denoiser "
+                              f"({type(denoiser).__name__}) has no per-block activation checkpointing")
+        denoiser.set_activation_checkpointing(True)
     objective = task.build_objective()
     module = objective.build_module(denoiser).to(device)
     ema = EMA(module.denoiser, tc.ema_decay)
     if objective.needs_teacher:  # SRA: the EMA model is the teacher (its weights are loaded in place on resume)
         objective.teacher = ema.model
-    opt = build_optimizer(module.parameters(), tc)
+    if tc.compile:  # in place, after the EMA copy: the state dict keeps its keys, the EMA model stays eager
+        module.denoiser.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
+    opt = build_optimizer(module.parameters(), tc, fused=device.type == "cuda" and tc.fused_optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(tc))
 
     if ckpt is not None:
@@ -346,50 +383,74 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                 if tc.log_with:
                     accelerator.log(res, step=step)
 
-    for step in range(start_step, end):
-        g = _step_generator(cfg.seed, step, rank, device)
-        logs: dict[str, float] = {}
-        for k, batch in enumerate(task.micro_batches(step, rank, world, g, device)):
-            ctx = accelerator.no_sync(module) if k < tc.grad_accum - 1 else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss, parts = task.loss(objective, module, batch, step, g)
-            if not torch.isfinite(loss):
-                good = last_good_checkpoint(run_dir)
-                where = f"last good checkpoint: {good}" if good else "no good checkpoint was written yet"
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-                raise NonFiniteLossError(f"loss became {float(loss.detach())} at step {step} ({detail}); "
-                                         f"training stopped. {where}")
-            accelerator.backward(loss / tc.grad_accum)
-            for key, val in parts.items():
-                logs[key] = logs.get(key, 0.0) + float(val) / tc.grad_accum
-        clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
-        grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), clip))
-        last_loss = logs["loss"]
-        lr = opt.param_groups[0]["lr"]  # the learning rate of this step (before the scheduler advances)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(module).denoiser)
-        done = step + 1
-        bar.update(1)
-        if step % tc.log_every == 0 or done == tc.steps:
-            if world > 1:  # average the logged values over processes (each saw its shard of the batch)
-                vals = accelerator.reduce(torch.tensor(list(logs.values()), device=device), reduction="mean")
-                logs = dict(zip(logs, vals.tolist()))
-            now = time.perf_counter()
-            rec = {"step": step, **{k: round(v, 6) for k, v in logs.items()}, "grad_norm": round(grad_norm, 6),
-                   "lr": lr, "time": round(now - t_last, 4)}
-            t_last = now
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", gen=f"{logs['loss_gen']:.4f}", w_gen=f"{logs['w_gen']:.2f}")
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if tc.log_with:
-                accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
-        if task.eval_due(done) and done != tc.steps:
-            evaluate(done)
-        if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps or done in extra_ckpts:
-            last_ckpt = checkpoint(done)
+    def check_finite() -> None:
+        """Raise at the first non-finite step recorded on the device (one host sync)."""
+        if bad is None or int(bad["step"]) < 0:
+            return
+        good = last_good_checkpoint(run_dir)
+        where = f"last good checkpoint: {good}" if good else "no good checkpoint was written yet"
+        vals = {k: float(v) for k, v in bad.items() if k != "step"}
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if k != "loss")
+        later = "" if exact else f" (checked at step {done - 1}, every train.log_every and before each checkpoint)"
+        raise NonFiniteLossError(f"loss became {vals['loss']} at step {int(bad['step'])}{later} ({detail}); "
+                                 f"training stopped. {where}")
+
+    exact = tc.finite_check == "step"
+    bad: dict[str, torch.Tensor] | None = None  # the first non-finite step and its logged values, on the device
+    last_loss_t: torch.Tensor | None = None
+    source = functools.partial(task.host_batches, rank=rank, world=world)
+    hosts = step_batches(source, start_step, end, workers=tc.workers, prefetch=tc.prefetch, pin_memory=pin)
+    done = start_step
+    with contextlib.closing(hosts):  # an exception ends the workers at once, not at garbage collection
+        for step, host in zip(range(start_step, end), hosts, strict=True):
+            g = _step_generator(cfg.seed, step, rank, device)
+            logs: dict[str, torch.Tensor | float] = {}  # device tensors (python floats for schedule values)
+            for k, item in enumerate(host):
+                batch = task.device_batch(item, device, g)
+                ctx = accelerator.no_sync(module) if k < tc.grad_accum - 1 else contextlib.nullcontext()
+                with ctx, accelerator.autocast():
+                    loss, parts = task.loss(objective, module, batch, step, g)
+                accelerator.backward(loss / tc.grad_accum)
+                for key, val in parts.items():
+                    logs[key] = logs.get(key, 0.0) + val / tc.grad_accum
+            clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), clip)
+            last_loss_t = torch.as_tensor(logs["loss"], device=device)  # a tensor already (no copy)
+            bad = _first_non_finite(bad, logs, last_loss_t, step)
+            done = step + 1
+            if exact:
+                check_finite()
+            lr = opt.param_groups[0]["lr"]  # the learning rate of this step (before the scheduler advances)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            ema.update(accelerator.unwrap_model(module).denoiser)
+            bar.update(1)
+            if step % tc.log_every == 0 or done == tc.steps:
+                check_finite()
+                vals = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float32) for v in logs.values()])
+                if world > 1:  # average the logged values over processes (each saw its shard of the batch)
+                    vals = accelerator.reduce(vals, reduction="mean")
+                host_logs = dict(zip(logs, vals.tolist()))  # the one host sync of a logged step
+                now = time.perf_counter()
+                rec = {"step": step, **{k: round(v, 6) for k, v in host_logs.items()},
+                       "grad_norm": round(float(grad_norm), 6), "lr": lr, "time": round(now - t_last, 4)}
+                t_last = now
+                bar.set_postfix(loss=f"{host_logs['loss']:.4f}", gen=f"{host_logs['loss_gen']:.4f}",
+                                w_gen=f"{host_logs['w_gen']:.2f}")
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if tc.log_with:
+                    accelerator.log({k: v for k, v in rec.items() if k != "step"}, step=step)
+            if task.eval_due(done) and done != tc.steps:
+                check_finite()
+                evaluate(done)
+            if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps or done in extra_ckpts:
+                check_finite()  # a checkpoint is written only when every step before it was finite
+                last_loss = float(last_loss_t)
+                last_ckpt = checkpoint(done)
+    check_finite()
     bar.close()
     final_step = end
     if final_step == tc.steps and accelerator.is_main_process:

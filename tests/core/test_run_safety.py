@@ -177,6 +177,29 @@ def test_nan_stop_names_the_last_checkpoint_with_finite_weights(tmp_path, monkey
     assert read_state(run / "checkpoints" / "step_0000002")["extra"]["finite"] is True
 
 
+@pytest.mark.parametrize("mode", ["log", "step"])
+def test_non_finite_loss_stops_before_the_next_checkpoint_in_both_check_modes(tmp_path, monkeypatch, mode):
+    """finite_check=log reads the device's record of the first non-finite step at log steps and before each
+    checkpoint (no per-step sync); =step at once. Either way no checkpoint after the NaN is written."""
+    real = FlowProcess.loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target):
+        calls["n"] += 1
+        out = real(pred, target)
+        return out * math.nan if calls["n"] == 5 else out  # step 4's loss is NaN
+
+    monkeypatch.setattr(FlowProcess, "loss", staticmethod(poisoned))
+    run = tmp_path / "run"
+    later = r" \(checked at step 5, every train.log_every and before each checkpoint\)" if mode == "log" else ""
+    with pytest.raises(NonFiniteLossError, match=rf"loss became nan at step 4{later} \(loss_gen=nan.*last good "
+                                                 r"checkpoint: .*step_0000003$"):
+        train(tiny(tmp_path, "train.steps=9", "train.log_every=100", "train.checkpoint_every=3",
+                   f"train.finite_check={mode}"), run)
+    assert calls["n"] == (6 if mode == "log" else 5)  # log: the step before the checkpoint boundary still ran
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000003"]
+
+
 # ----------------------------------------------------------------------------------- 4. leftovers, `latest` inside
 
 

@@ -113,3 +113,24 @@ def test_bad_sampler_args():
         sample(const_model(0), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), sampler="ddim", null_class=1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         ode_sample(const_model(0), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), steps=0, null_class=1)
+
+
+def test_per_element_guidance_scale_guides_each_part_of_a_packed_state_with_its_own_weight():
+    """REG's packed (image, token) state: one Euler step from t=1 with v = u + w (c - u) per element, where the model
+    returns c = 3 for real labels and u = 1 for the null label; image elements w = 2, token elements w = 1 (its
+    conditional drift alone), so x0 = x1 - v = x1 - (1 + 2 * 2) and x1 - (1 + 1 * 2) respectively."""
+    from reed.image.sit import build_sit
+    from reed.sampling.samplers import ode_sample
+
+    def model_fn(x, t, y):
+        return torch.where((y == 10)[:, None], 1.0, 3.0).expand_as(x).to(x.dtype)
+
+    sit = build_sit("SiT-T/4", input_size=8, in_channels=1, num_classes=10, cls_dim=3)
+    w = sit.guidance_scale(2.0, 0.0)
+    assert w.shape == (64 + 3,) and w[:64].eq(2.0).all() and w[64:].eq(1.0).all()
+    assert sit.guidance_scale(1.0, 5.0) == 1.0  # no guidance of either while the image is not guided
+    assert sit.guidance_scale(2.0, None)[64:].eq(2.0).all() and sit.guidance_scale(2.0, 4.0)[64:].eq(4.0).all()
+    assert build_sit("SiT-T/4", input_size=8, in_channels=1, num_classes=10).guidance_scale(2.0, 4.0) == 2.0
+    x1 = torch.zeros(2, 67)
+    x0 = ode_sample(model_fn, x1, torch.tensor([0, 1]), steps=1, null_class=10, cfg_scale=w)
+    assert torch.equal(x0[:, :64], torch.full((2, 64), -5.0)) and torch.equal(x0[:, 64:], torch.full((2, 3), -3.0))

@@ -123,3 +123,56 @@ def test_train_from_store_equals_train_from_cache(encoder_dir, tmp_path):
                   "targets.0.kind=pooled")
     with pytest.raises(DataError, match="kind 'pooled' needs"):
         train(bad, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_low_precision_stores_round_trip_within_their_precision(tmp_path, dtype):
+    """Per value: float16 keeps 11 significant bits, bfloat16 8, int8 a step of max|v|/127 per vector (its scale);
+    what a batch copies to the device is the stored dtype, dequantized there to float32."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 3, 16, generator=g) * torch.tensor([1.0, 1e-3, 300.0])[:, None]  # (N, T, D), mixed scales
+    w = TargetStoreWriter(tmp_path / dtype, source="t", count=10, shape=(3, 16), dtype=dtype, shard_size=4)
+    w.write(lambda idx: z[torch.as_tensor(idx)], progress=False)
+    w.finalize()
+    store = TargetStore(tmp_path / dtype)
+    idx = [7, 0, 3, 9, 4]
+    got = store.get(idx)
+    assert got.dtype == torch.float32 and got.shape == (5, 3, 16)
+    want = z[idx]
+    amax = want.abs().amax(-1, keepdim=True)
+    if dtype == "int8":
+        bound = amax / 254 + 1e-7  # half a quantisation step of each vector
+    else:
+        bound = want.abs() * (2.0 ** -11 if dtype == "float16" else 2.0 ** -8) + 1e-8
+    assert ((got - want).abs() <= bound).all()
+    values, scale = store.get_stored(idx)
+    assert values.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}[dtype]
+    assert (scale is not None) == (dtype == "int8")
+    if dtype == "int8":
+        assert scale.shape == (5, 3) and values.abs().amax(-1).eq(127).all()  # each vector spans the full range
+        files = list((tmp_path / dtype).glob("[zs]_*.npy"))
+        payload = sum(f.stat().st_size - 128 for f in files)  # less each .npy header
+        assert len(files) == 6 and payload == 10 * 3 * (16 * 1 + 4)  # 1 byte per value + a float32 per vector
+
+
+def test_int8_store_without_its_scales_is_refused_and_the_shard_redone(tmp_path):
+    w = TargetStoreWriter(tmp_path / "q", source="t", count=6, shape=(4,), dtype="int8", shard_size=3)
+    w.write(lambda idx: torch.ones(len(idx), 4), progress=False)
+    w.finalize()
+    (tmp_path / "q" / "s_00001.npy").unlink()
+    with pytest.raises(DataError, match="shard missing: .*s_00001.npy"):
+        TargetStore(tmp_path / "q")
+    assert not w.done(1) and w.done(0)
+
+
+def test_training_from_an_int8_store_follows_the_float32_one(encoder_dir, tmp_path):
+    base = ["train.steps=3", "train.batch_size=32", "train.log_every=1", "train.sample_every=0",
+            "objective.method=repa"]
+    cfg = cfg_for(encoder_dir, tmp_path, *base)
+    runs = {}
+    for dtype in ("float32", "int8"):
+        embed_target(cfg, "ssl", tmp_path / dtype, dtype=dtype, progress=False)
+        c = cfg_for(encoder_dir, tmp_path, *base, "targets.0.source=store", f"targets.0.path={tmp_path / dtype}")
+        run = train(c, tmp_path / f"run_{dtype}").run_dir
+        runs[dtype] = [json.loads(x)["loss_align"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert runs["int8"] == pytest.approx(runs["float32"], abs=2e-3)

@@ -81,10 +81,13 @@ def test_reed_training_runs_end_to_end_and_loss_falls(workdir):
 
 
 def test_resume_reproduces_uninterrupted_run(workdir):
+    """Interrupted and resumed with the batches prepared by 2 data-loader workers (reed.loader): the curve and
+    the weights of the uninterrupted run on the main thread, exactly."""
     args = small(workdir, "train.steps=16", "train.checkpoint_every=8", "train.lr=0.002")
     cfg = load_config(DEMO, args)
     full, part = workdir / "full", workdir / "part"
     train(cfg, full)
+    cfg = load_config(DEMO, [*args, "train.workers=2", "train.prefetch=3"])
     train(cfg, part, stop_at=11)  # "interrupted" after step 11; the step-8 checkpoint survives
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_0000008"
     assert [r["step"] for r in read_metrics(part)] == list(range(11))

@@ -90,6 +90,23 @@ def test_latent_training_with_store_targets_end_to_end(prepared, tmp_path):
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["vae"] and rec["vae"].endswith("vae")
 
+    # REG on the latents: the fitted encoder's pooled vector generated with the latent as one more token, batches
+    # (posterior moments read by 2 data-loader workers, drawn on the device) resumed exactly; REG-guided sampling
+    reg = [o for o in overrides(d) if not o.startswith("targets=")] + [
+        f"targets=[{{name: ssl, source: fitted_encoder, path: {d / 'enc'}, kind: tokens, depth: 2, projector_dim: 32, "
+        f"store: {d / 'store_ssl'}}}, {{name: ssl_vector, source: fitted_encoder, path: {d / 'enc'}, kind: pooled, "
+        "depth: 2, entangle: true}]", "objective.method=reg", "train.workers=2"]
+    full, part = tmp_path / "reg_full", tmp_path / "reg_part"
+    assert main(["train", cfg, *reg, "--out", str(full)]) == 0
+    assert main(["train", cfg, *reg, "--out", str(part), "--stop-at", "4"]) == 0
+    assert main(["train", cfg, *reg, "--out", str(part), "--resume"]) == 0
+    a, b = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, part))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and all(r["loss_entangled"] > 0 for r in a)
+    out = tmp_path / "reg.npz"
+    assert main(["sample", str(full), "--num", "3", "--steps", "2", "--cfg-scale", "1.5", "--cls-cfg-scale", "0",
+                 "--out", str(out)]) == 0
+    assert np.load(out)["arr_0"].shape == (3, 32, 32, 3)
+
 
 def test_online_encoder_and_store_give_the_same_training(prepared, tmp_path):
     """A (tiny, random) DINOv2 run online every step vs embedded once into a store: same losses."""

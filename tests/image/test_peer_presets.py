@@ -4,6 +4,7 @@ restored), sample and evaluate."""
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,14 @@ def test_preset_trains_resumes_samples_and_evaluates(workdir, method, capsys):
     assert main(["evaluate", str(out), "--run", str(full), "--out", str(workdir / f"{method}_eval.json")]) == 0
     res = json.loads((workdir / f"{method}_eval.json").read_text())
     assert res["in_domain"]["num_samples"] == 10 and 0.0 <= res["in_domain"]["accuracy"] <= 1.0
+    if method == "reg":  # REG's guidance of its token: its own scale, or (0) its conditional drift alone
+        for cls in ("2.5", "0"):
+            assert main(["sample", str(full), "--num", "4", "--steps", "3", "--cfg-scale", "2", "--cls-cfg-scale",
+                         cls, "--out", str(workdir / f"reg_cls{cls}.npz")]) == 0
+            rec = json.loads((workdir / f"reg_cls{cls}.json").read_text())
+            assert rec["cfg_scale"] == 2 and rec["cls_cfg_scale"] == float(cls)
+        assert main(["sample", str(full), "--cls-cfg-scale", "-1"]) == 2
+        assert "--cls-cfg-scale must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_haste_with_attention_distillation_from_an_online_vit(tmp_path):
@@ -133,3 +142,19 @@ def test_every_preset_trains_on_the_yardstick_world(tmp_path):
         recs = metrics(tmp_path / method)
         assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs), method
         assert key in recs[0], (method, sorted(recs[0]))
+    # the yardstick's combination: REED's tokens + caption + curriculum, iREPA's conv projector and spatial z-score,
+    # REG's entangled vector
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import yardstick
+
+    method, _, more = yardstick.METHODS["reed+irepa+reg"]
+    over = [yardstick.with_entangled(load_config(cfg_path, small), 0, str(enc)),
+            *[o.replace("{enc}", "0") for o in more if o != "@entangle"]]
+    cfg = load_config(cfg_path, [*small, f"objective.method={method}", *over])
+    assert (cfg.targets[0].projector, cfg.targets[0].target_norm, cfg.targets[2].entangle) == ("conv", "spatial", True)
+    train(cfg, tmp_path / "combo")
+    recs = metrics(tmp_path / "combo")
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert {"align/ssl", "align/caption", "loss_entangled"} <= set(recs[0])
+    weights = load_file(str(tmp_path / "combo" / "checkpoints" / "step_0000003" / "model.safetensors"))
+    assert "projectors.ssl.conv.weight" in weights and "denoiser.cls_embedder.0.weight" in weights

@@ -164,7 +164,7 @@ def test_reference_type_vocabulary(shared_data):
     task = _task(shared_data, limit=30, type_vocab="reference")
     assert task.elements == REFERENCE_TYPES and task.cfg.molecule.elements == list(REFERENCE_TYPES)
     assert task.flow.num_atom_types == 18 and task.build_denoiser().num_atom_types == 18
-    mb, _ = next(task.micro_batches(0, 0, 1, torch.Generator(), torch.device("cpu")))
+    mb, _ = task.device_batch(task.host_batches(0, 0, 1)[0], torch.device("cpu"), torch.Generator())
     for k, i in enumerate(next(iter(task.epochs.indices(0, 0)))):
         m = task.train_set[i]
         types = mb.atom_types[k, : m.num_atoms].tolist()

@@ -64,10 +64,11 @@ def test_train_loss_falls_and_resume_reproduces(setup):
     assert {"align/single", "align/pair", "acc_masked"} <= set(recs[0])
     assert (run / "loss.png").is_file() and (run / "checkpoints" / "latest").exists()
 
-    # interrupted after 5 steps, then resumed: the same curve
+    # interrupted after 5 steps, then resumed, with the batches collated in 2 data-loader workers: the same curve
     run2 = root / "run2"
-    main(["train", str(cfg), "train.checkpoint_every=5", "--out", str(run2), "--stop-at", "5"])
-    assert main(["train", str(cfg), "train.checkpoint_every=5", "--out", str(run2), "--resume"]) == 0
+    main(["train", str(cfg), "train.checkpoint_every=5", "train.workers=2", "--out", str(run2), "--stop-at", "5"])
+    assert main(["train", str(cfg), "train.checkpoint_every=5", "train.workers=2", "--out", str(run2),
+                 "--resume"]) == 0
     again = _records(run2)
     assert [r["step"] for r in again] == [r["step"] for r in recs]
     for a, b in zip(recs, again):

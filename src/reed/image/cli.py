@@ -9,6 +9,7 @@ from pathlib import Path
 from reed.cli import Commands, print_report, process_info
 from reed.errors import ConfigError
 from reed.io import atomic_write_text, pick_device
+from reed.store import STORE_DTYPES
 
 
 def fit_dataset(cfg):
@@ -93,14 +94,17 @@ def _check_guidance_flags(args) -> None:
 
 def cmd_sample(args) -> int:
     """``reed sample RUN``: images into an ADM-layout .npz, a grid and a JSON of the settings."""
+    from reed.image.config import check_cls_cfg
     from reed.image.generate import generate
 
     if getattr(args, "structures", None):
         raise ConfigError(f"--structures is for protein runs; {args.run} is an image run")
     _check_guidance_flags(args)
+    check_cls_cfg(args.cls_cfg_scale, "--cls-cfg-scale")
     rank, world, st = process_info()
     info = generate(args.run, num=args.num or 100, out=args.out, sampler=args.sampler, steps=args.steps,
-                    cfg_scale=args.cfg_scale, guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
+                    cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
+                    guidance=(args.guidance_low, args.guidance_high), seed=args.seed,
                     batch_size=args.batch_size, use_ema=not args.raw, labels=args.labels, vae=args.vae,
                     protocol=args.protocol,
                     device=str(st.device) if world > 1 else None, process_index=rank, num_processes=world,
@@ -289,7 +293,8 @@ def add_commands(commands: Commands) -> None:
                           config=True)
     sp.add_argument("--target", required=True, help="target name in the config")
     sp.add_argument("--out", default=None, help="store directory (default: the target's `store` key)")
-    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    sp.add_argument("--dtype", choices=list(STORE_DTYPES), default="float16",
+                    help="storage precision (reed.store: int8 is a quarter of float32, bfloat16 has its range)")
     sp.add_argument("--shard-size", type=int, default=10_000)
     sp.add_argument("--batch-size", type=int, default=64)
 
@@ -326,7 +331,8 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--layer", type=int, default=15, help="VLM hidden layer (0 = input embeddings)")
     sp.add_argument("--batch-size", type=int, default=16)
     sp.add_argument("--shard-size", type=int, default=10_000)
-    sp.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    sp.add_argument("--dtype", choices=list(STORE_DTYPES), default="float16",
+                    help="storage precision (reed.store: int8 is a quarter of float32, bfloat16 has its range)")
     sp.add_argument("--device", default=str(pick_device()))
 
     sp = commands.command("import", "import a released REPA/REED SiT checkpoint as a reed checkpoint", cmd_import)
@@ -346,6 +352,9 @@ def add_commands(commands: Commands) -> None:
     sp.add_argument("--cfg-scale", type=float, default=None)
     sp.add_argument("--guidance-low", type=float, default=None)
     sp.add_argument("--guidance-high", type=float, default=None)
+    sp.add_argument("--cls-cfg-scale", type=float, default=None,
+                    help="REG runs: guidance scale of the generated representation token (default "
+                    "image.sample.cls_cfg_scale, null = --cfg-scale; 0 = its conditional drift alone)")
     sp.add_argument("--labels", choices=["balanced", "random"], default=None,
                     help="class labels: i mod K (balanced) or uniform random (default: the protocol's)")
     sp.add_argument("--protocol", default=None,

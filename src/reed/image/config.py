@@ -80,6 +80,9 @@ class SampleConfig:
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     protocol: Literal["reed", "paper"] = "reed"
+    #: REG models only: the guidance scale of the generated representation token (null: cfg_scale; 0: its
+    #: conditional drift alone); it applies only while the image is guided (cfg_scale > 1)
+    cls_cfg_scale: float | None = None
 
 
 @dataclass
@@ -113,6 +116,13 @@ SAMPLE_KEYS = ("config key 'image.sample.cfg_scale'", "config key 'image.sample.
                "config key 'image.sample.guidance_high'")
 
 
+def check_cls_cfg(value: float | None, name: str) -> None:
+    """REG's ``cls_cfg_scale``: None, 0 (the token's conditional drift alone) or a finite number > 0."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0 (0: the representation token is not guided), "
+                          f"got {value}")
+
+
 def check_guidance(cfg_scale: float, low: float, high: float, names: tuple[str, str, str] = SAMPLE_KEYS) -> None:
     """Refuse classifier-free guidance settings the sampler cannot honour; ``names`` name the three values (config
     keys or ``reed sample`` flags) in the message.
@@ -138,6 +148,7 @@ def validate_image(cfg) -> None:
         raise ConfigError(f"config key 'image.process.label_dropout' must be in [0, 1), got {im.process.label_dropout}")
     s = im.sample
     check_guidance(s.cfg_scale, s.guidance_low, s.guidance_high)
+    check_cls_cfg(s.cls_cfg_scale, "config key 'image.sample.cls_cfg_scale'")
     for i, tg in enumerate(cfg.targets):
         if tg.source in PATH_SOURCES and not tg.path:
             raise ConfigError(f"config key 'targets.{i}.path' is required for source '{tg.source}'")

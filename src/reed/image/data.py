@@ -19,8 +19,32 @@ from reed.image.config import DataConfig
 from reed.io import PICKLE_REFUSED, is_pickle_refusal
 
 
+class TrainingBatches:
+    """The two halves of a training batch (:mod:`reed.loader`): ``read`` on the host (a data-loader worker),
+    ``to_training`` on the device with the step's generator; ``batch`` is both at once."""
+
+    labels: torch.Tensor
+
+    def read(self, indices) -> torch.Tensor:
+        """What the host reads for global ``indices``: training tensors or what they are made from, on the CPU."""
+        raise NotImplementedError
+
+    def to_training(self, x: torch.Tensor, generator: torch.Generator | None,
+                    device: torch.device | str) -> torch.Tensor:
+        """The clean training tensors (B,C,H,W) from what :meth:`read` returned, on ``device``."""
+        return x.to(device, non_blocking=True)
+
+    def read_labels(self, indices) -> torch.Tensor:
+        return self.labels[torch.as_tensor(indices, dtype=torch.long)]
+
+    def batch(self, indices, *, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean training tensors (B,C,H,W) and labels (B,) for global ``indices``, on ``device``."""
+        return self.to_training(self.read(indices), generator, device), self.read_labels(indices).to(device)
+
+
 @dataclass
-class ImageDataset:
+class ImageDataset(TrainingBatches):
     """In-memory image data set.
 
     images (N,C,H,W) float32 in [-1,1]; labels (N,) int64 in [0, num_classes).
@@ -48,10 +72,9 @@ class ImageDataset:
         """(C, H, W) of the training tensors."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
-    def batch(self, indices: torch.Tensor, *, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean training tensors (B,C,H,W) in [-1,1] and labels (B,) for global ``indices``."""
-        return self.images[indices].to(device, non_blocking=True), self.labels[indices].to(device)
+    def read(self, indices) -> torch.Tensor:
+        """Training tensors (B,C,H,W) in [-1,1] for global ``indices``."""
+        return self.images[torch.as_tensor(indices, dtype=torch.long)]
 
     def pixels(self, indices: torch.Tensor) -> torch.Tensor:
         """Images (B,C,H,W) float in [-1,1] (what pixel-space encoders such as the fitted one see)."""

@@ -98,7 +98,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 @torch.no_grad()
 def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None, sampler: str | None = None,
-             steps: int | None = None, cfg_scale: float | None = None,
+             steps: int | None = None, cfg_scale: float | None = None, cls_cfg_scale: float | None = None,
              guidance: tuple[float | None, float | None] = (None, None), seed: int = 0, batch_size: int = 256,
              use_ema: bool = True, labels: str | None = None, protocol: str | None = None, device: str | None = None,
              progress: bool = True, vae: str | None = None, process_index: int = 0, num_processes: int = 1,
@@ -125,6 +125,7 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
     settings = {
         "sampler": sampler or sc.sampler, "steps": steps or sc.steps,
         "cfg_scale": sc.cfg_scale if cfg_scale is None else cfg_scale,
+        "cls_cfg_scale": sc.cls_cfg_scale if cls_cfg_scale is None else cls_cfg_scale,
         "guidance_low": sc.guidance_low if guidance[0] is None else guidance[0],
         "guidance_high": sc.guidance_high if guidance[1] is None else guidance[1],
     }
@@ -153,7 +154,8 @@ def generate(run_or_ckpt: str | Path, *, num: int, out: str | Path | None = None
         sde_gen = torch.Generator(device=dev).manual_seed(_chunk_seed(seed, ch) + 1)
         x = model.image_of(run_sampler(model.velocity, noise, y, sampler=settings["sampler"],
                                        steps=settings["steps"], null_class=model.null_class,
-                                       cfg_scale=settings["cfg_scale"],
+                                       cfg_scale=model.guidance_scale(settings["cfg_scale"],
+                                                                      settings["cls_cfg_scale"]),
                                        guidance=(settings["guidance_low"], settings["guidance_high"]),
                                        process=FlowProcess(cfg.image.process.path), generator=sde_gen))
         imgs = to_uint8(decoder(x) if decoder is not None else x, truncate=uint8 == "truncate")

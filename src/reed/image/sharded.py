@@ -1,7 +1,8 @@
 """Training data sets over prepared shards (``reed prepare images`` / ``reed prepare latents``).
 
 Both expose the interface the trainer uses: ``len``, ``shape`` (C,H,W of the training tensors), ``num_classes``,
-``fingerprint``, ``name``, ``captions`` (None), ``batch(indices, generator=, device=) -> (x0, labels)`` and
+``fingerprint``, ``name``, ``captions`` (None), ``batch(indices, generator=, device=) -> (x0, labels)`` (``read``
+on the host, ``to_training`` on the device: :class:`reed.image.data.TrainingBatches`) and
 ``raw_images(indices) -> uint8 (B,3,H,W)`` for encoders that see the picture.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from reed.image.data import TrainingBatches
 from reed.image.shards import ImageShards, LatentShards, sample_posterior
 
 
@@ -17,7 +19,7 @@ def _np_idx(indices) -> np.ndarray:
     return np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
 
 
-class _Pixels:
+class _Pixels(TrainingBatches):
     """Shared picture access; subclasses set ``self.images`` (an :class:`ImageShards`)."""
 
     images: ImageShards
@@ -48,8 +50,12 @@ class PixelShardDataset(_Pixels):
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pixels(indices).to(device), self.labels[_np_idx(indices)].to(device)
+    def read(self, indices) -> torch.Tensor:
+        """uint8 (B,3,R,R): a quarter of the bytes of float pixels to pin and copy; scaled on the device."""
+        return self.raw_images(indices)
+
+    def to_training(self, x, generator, device) -> torch.Tensor:
+        return x.to(device, non_blocking=True).float() / 127.5 - 1.0
 
 
 class LatentDataset(_Pixels):
@@ -70,7 +76,10 @@ class LatentDataset(_Pixels):
     def __len__(self) -> int:
         return len(self.latents)
 
-    def batch(self, indices, *, generator=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        moments = torch.from_numpy(self.latents.moments(_np_idx(indices))).to(device)
-        z = sample_posterior(moments, self.latents.scale, self.latents.shift, generator=generator)
-        return z, self.labels[_np_idx(indices)].to(device)
+    def read(self, indices) -> torch.Tensor:
+        """The posterior moments (B, 2C, h, w); the latent is drawn on the device with the step's generator."""
+        return torch.from_numpy(self.latents.moments(_np_idx(indices)))
+
+    def to_training(self, x, generator, device) -> torch.Tensor:
+        return sample_posterior(x.to(device, non_blocking=True), self.latents.scale, self.latents.shift,
+                                generator=generator)

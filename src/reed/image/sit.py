@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reed.activation_checkpoint import ActivationCheckpointing
+
 __all__ = [
     "SIT_PRESETS",
     "SiT",
@@ -253,7 +255,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # SiT
 # ----------------------------------------------------------------------------------------------------
-class SiT(nn.Module):
+class SiT(ActivationCheckpointing, nn.Module):
     """Class-conditional SiT velocity model.
 
     Args:
@@ -401,9 +403,9 @@ class SiT(nn.Module):
         hiddens: dict = {}
         for i, block in enumerate(self.blocks[:last], start=1):
             if f"attn:{i}" in taps:
-                h, hiddens[f"attn:{i}"] = block(h, c, return_logits=True)
+                h, hiddens[f"attn:{i}"] = self.run_block(block, h, c, return_logits=True)
             else:
-                h = block(h, c)
+                h = self.run_block(block, h, c)
             if i in taps:
                 hiddens[i] = h
         hiddens["_last"] = h
@@ -484,6 +486,17 @@ class SiT(nn.Module):
         x, cls = self._split(state)
         (v, v_cls), _ = self(x, t, y, cls=cls)
         return torch.cat([v.flatten(1), v_cls.to(v.dtype)], dim=1)
+
+    def guidance_scale(self, cfg_scale: float, cls_cfg_scale: float | None = None) -> float | Tensor:
+        """The samplers' ``cfg_scale`` for this model's state: ``cfg_scale`` itself, or for REG a per-element scale
+        over the packed state (C*H*W + cls_dim,): ``cfg_scale`` on the image and ``cls_cfg_scale`` (None: the same)
+        on the representation token, whose drift is the conditional one alone when ``cls_cfg_scale`` is 0; no
+        guidance of either when ``cfg_scale`` <= 1 (REG's samplers.py)."""
+        if not self.cls_dim or cfg_scale <= 1.0:
+            return cfg_scale
+        w_cls = cfg_scale if cls_cfg_scale is None else cls_cfg_scale if cls_cfg_scale > 0 else 1.0
+        n_img = self.in_channels * self.input_size**2
+        return torch.cat([torch.full((n_img,), float(cfg_scale)), torch.full((self.cls_dim,), float(w_cls))])
 
     def image_of(self, state: Tensor) -> Tensor:
         """The image (B, C, H, W) of a sampled state (REG's vector is discarded, as REG does)."""

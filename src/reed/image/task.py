@@ -93,7 +93,8 @@ def preview_samples(denoiser: SiT, cfg: Config, num: int, device: torch.device, 
     sc = cfg.image.sample
     with eval_mode(denoiser):
         out = run_sampler(denoiser.velocity, noise, y, sampler=sc.sampler, steps=sc.steps,
-                          null_class=denoiser.null_class, cfg_scale=sc.cfg_scale,
+                          null_class=denoiser.null_class,
+                          cfg_scale=denoiser.guidance_scale(sc.cfg_scale, sc.cls_cfg_scale),
                           guidance=(sc.guidance_low, sc.guidance_high),
                           process=FlowProcess(cfg.image.process.path),
                           generator=torch.Generator(device=device).manual_seed(seed + 1))
@@ -137,16 +138,24 @@ class ImageTask:
     def build_objective(self) -> Objective:
         return build_objective(self.cfg)
 
-    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
-        """The ``grad_accum`` micro-batches (x0, y, targets) of this process at ``step``."""
+    def host_batches(self, step: int, rank: int, world: int) -> list:
+        """The ``grad_accum`` micro-batches of this process at ``step`` as read on the host:
+        (what x0 is made from, labels (B,), {target: rows}) (:mod:`reed.loader`)."""
         tc = self.cfg.train
         micro = tc.batch_size // world // tc.grad_accum
         idx = batch_indices(step, len(self.ds), tc.batch_size, self.cfg.seed)[rank::world]
+        out = []
         for k in range(tc.grad_accum):
             sl = idx[k * micro : (k + 1) * micro]
-            x0, y = self.ds.batch(sl, generator=generator, device=device)
-            z = {name: t.get(sl).to(device, non_blocking=True) for name, t in self.targets.items()}
-            yield x0, y, z
+            out.append((self.ds.read(sl), self.ds.read_labels(sl), {n: t.read(sl) for n, t in self.targets.items()}))
+        return out
+
+    def device_batch(self, host, device: torch.device, generator: torch.Generator):
+        """(x0 (B,C,H,W), y (B,), {target: (B,T,D)/(B,D)}) on ``device``: the latent posterior draw and online
+        encoders run here, with the step's generator."""
+        x, y, rows = host
+        x0 = self.ds.to_training(x, generator, device)
+        return x0, y.to(device, non_blocking=True), {n: self.targets[n].finish(r, device) for n, r in rows.items()}
 
     def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):
         x0, y, z = batch

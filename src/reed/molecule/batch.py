@@ -69,13 +69,15 @@ class MoleculeBatch:
     mask: Tensor
 
     def to(self, device) -> MoleculeBatch:
-        return MoleculeBatch(
-            self.x.to(device),
-            self.atom_types.to(device),
-            self.bonds.to(device),
-            self.charges.to(device),
-            self.mask.to(device),
-        )
+        """A copy on ``device`` (non-blocking: from pinned memory the copy overlaps compute)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> MoleculeBatch:
+        """A copy in page-locked memory (what a DataLoader with ``pin_memory=True`` calls)."""
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> MoleculeBatch:
+        return MoleculeBatch(fn(self.x), fn(self.atom_types), fn(self.bonds), fn(self.charges), fn(self.mask))
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

@@ -23,6 +23,7 @@ from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
 from reed.io import eval_mode, fingerprint, progress_bar
+from reed.loader import to_device
 from reed.molecule.batch import collate, uncollate
 from reed.molecule.chem import type_vocabulary
 from reed.molecule.dataset import MoleculeDataset
@@ -247,14 +248,19 @@ class MoleculeTask:
                                      steps_per_unit=1)
         return obj
 
-    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
-        """This process's ``grad_accum`` atom-budget batches of ``step``: (MoleculeBatch, {target: (B,D)})."""
-        rot = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 64 + rank)  # rotations drawn on CPU
+    def host_batches(self, step: int, rank: int, world: int) -> list:
+        """This process's ``grad_accum`` atom-budget batches of ``step``, collated on the host (a data-loader
+        worker): [(MoleculeBatch, {target: (B,D)}), ...]; rotations drawn from (seed, step, rank)."""
+        rot = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 64 + rank)
+        out = []
         for idx in self.epochs.indices(step, rank):
             mols = [self.train_set[int(i)] for i in idx]
-            mb = collate(mols, self.elements, rotate=self.cfg.molecule.data.rotate, generator=rot).to(device)
-            z = self.targets.batch(idx, device)
-            yield mb, z
+            out.append((collate(mols, self.elements, rotate=self.cfg.molecule.data.rotate, generator=rot),
+                        self.targets.batch(idx, "cpu")))
+        return out
+
+    def device_batch(self, host, device: torch.device, generator: torch.Generator):
+        return to_device(host, device)
 
     def loss(self, objective: Objective, module: ReedModule, batch, step: int, generator: torch.Generator):
         mb, z = batch

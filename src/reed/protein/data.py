@@ -372,8 +372,14 @@ class ProteinBatch:
     _TENSORS = ("X", "S", "mask", "chain_M", "residue_idx", "chain_encoding", "lengths")
 
     def to(self, device) -> ProteinBatch:
-        moved = {k: getattr(self, k).to(device) for k in self._TENSORS}
+        """A copy on ``device`` (non-blocking: from pinned memory the copy overlaps compute)."""
+        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in self._TENSORS}
         return ProteinBatch(**moved, names=list(self.names), sequences=list(self.sequences))
+
+    def pin_memory(self) -> ProteinBatch:
+        """A copy in page-locked memory (what a DataLoader with ``pin_memory=True`` calls)."""
+        pinned = {k: getattr(self, k).pin_memory() for k in self._TENSORS}
+        return ProteinBatch(**pinned, names=list(self.names), sequences=list(self.sequences))
 
     def __len__(self) -> int:
         return int(self.S.shape[0])

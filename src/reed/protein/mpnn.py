@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reed.activation_checkpoint import ActivationCheckpointing
+
 __all__ = [
     "ATOM_PAIRS",
     "MASK_ID",
@@ -393,7 +395,7 @@ class DecLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Denoiser
 # ----------------------------------------------------------------------------------------------------------------------
-class MPNNDenoiser(nn.Module):
+class MPNNDenoiser(ActivationCheckpointing, nn.Module):
     """ProteinMPNN encoder/decoder used as a time-free masked-diffusion denoiser (with REED taps).
 
     Args:
@@ -515,7 +517,7 @@ class MPNNDenoiser(nn.Module):
         mask_attend = mask.unsqueeze(-1) * mask_j  # (B, L, K)
 
         for layer in self.encoder_layers:
-            h_V, h_E = layer(h_V, h_E, E_idx, mask, mask_attend)
+            h_V, h_E = self.run_block(layer, h_V, h_E, E_idx, mask, mask_attend)
 
         out: dict[str, Tensor] = {}
         if "encoder" in want:
@@ -528,7 +530,7 @@ class MPNNDenoiser(nn.Module):
         for d, layer in enumerate(self.decoder_layers):
             edge_tap = f"decoder.{d}.edges"
             need_edges = edge_tap in want or (self.update_edge and d < self.depth - 1)
-            h_V, h_ES_new = layer(h_V, h_ES, E_idx, mask, compute_edges=need_edges)
+            h_V, h_ES_new = self.run_block(layer, h_V, h_ES, E_idx, mask, compute_edges=need_edges)
             if f"decoder.{d}.nodes" in want:
                 out[f"decoder.{d}.nodes"] = h_V
             if edge_tap in want:

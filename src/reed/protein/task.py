@@ -17,6 +17,7 @@ from reed.domains import build_objective, resolve_targets
 from reed.epochs import EpochBatches
 from reed.errors import ConfigError, DataError
 from reed.io import fingerprint
+from reed.loader import to_device
 from reed.objective import DenoiserOutput, Objective, ReedModule
 from reed.processes.masked import MaskedDiffusion
 from reed.protein.data import ProteinDataset, ProteinExample, collate, read_cluster_list
@@ -95,7 +96,7 @@ class ProteinTargets:
         names, seqs = [e.name for e in examples], [e.sequence for e in examples]
         out = {}
         for name, (store, array) in self.items.items():
-            out[name] = store.batch(names, seqs, [array], max_len)[array].to(device, non_blocking=True)
+            out[name] = store.batch(names, seqs, [array], max_len)[array].to(device)
         return out
 
 
@@ -144,13 +145,18 @@ class ProteinTask:
     def build_objective(self) -> Objective:
         return build_objective(self.cfg, self.process, self.steps_per_epoch)
 
-    def micro_batches(self, step: int, rank: int, world: int, generator: torch.Generator, device: torch.device):
-        """This process's ``grad_accum`` token batches of ``step``: (ProteinBatch, {target: tensor})."""
+    def host_batches(self, step: int, rank: int, world: int) -> list:
+        """This process's ``grad_accum`` token batches of ``step``, collated on the host (a data-loader worker):
+        [(ProteinBatch, {target: tensor}), ...]."""
+        out = []
         for idx in self.epochs.indices(step, rank):
             examples = [self.train_set[i] for i in idx]
-            pb = collate(examples, device=device)
-            z = self.targets.batch(examples, pb.S.shape[1], device) if self.targets.items else {}
-            yield pb, z
+            pb = collate(examples)
+            out.append((pb, self.targets.batch(examples, pb.S.shape[1], "cpu") if self.targets.items else {}))
+        return out
+
+    def device_batch(self, host, device: torch.device, generator: torch.Generator):
+        return to_device(host, device)
 
     def forward(self, module, pb, generator: torch.Generator | None, taps=()):
         """Corrupt the native sequences of ``pb`` and run ``module``: (corrupted, log_probs, hidden)."""

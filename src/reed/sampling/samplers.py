@@ -14,10 +14,22 @@ import torch
 from reed.processes.flow import FlowProcess
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: a guidance scale: one number, or a tensor broadcast over the state's trailing dims (per element: REG guides its
+#: packed representation token with its own scale, :meth:`reed.image.sit.SiT.guidance_scale`)
+Scale = float | torch.Tensor
+
+
+def guides(cfg_scale: Scale) -> bool:
+    """Whether ``cfg_scale`` asks for guidance (some element above 1)."""
+    return float(cfg_scale.max()) > 1.0 if isinstance(cfg_scale, torch.Tensor) else cfg_scale > 1.0
+
+
+def _scale_on(cfg_scale: Scale, x: torch.Tensor) -> Scale:
+    return cfg_scale.to(x.device, torch.float64) if isinstance(cfg_scale, torch.Tensor) else cfg_scale
 
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, *, null_class: int,
-                    cfg_scale: float = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
+                    cfg_scale: Scale = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
                     model_dtype: torch.dtype = torch.float32, decide_at: float | None = None) -> torch.Tensor:
     """Velocity at scalar time ``t`` with classifier-free guidance when ``cfg_scale > 1`` and
     ``low <= decide_at <= high`` (``decide_at`` defaults to ``t``; Heun's corrector passes the step's start time).
@@ -27,19 +39,19 @@ def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tenso
     b = x.shape[0]
     xin = x.to(model_dtype)
     s = t if decide_at is None else decide_at
-    if cfg_scale > 1.0 and guidance[0] <= s <= guidance[1]:
+    if guides(cfg_scale) and guidance[0] <= s <= guidance[1]:
         tt = torch.full((2 * b,), t, device=x.device, dtype=torch.float32)
         yy = torch.cat([y, torch.full_like(y, null_class)])
         out = model_fn(torch.cat([xin, xin]), tt, yy).to(torch.float64)
         cond, uncond = out[:b], out[b:]
-        return uncond + cfg_scale * (cond - uncond)
+        return uncond + _scale_on(cfg_scale, out) * (cond - uncond)
     tt = torch.full((b,), t, device=x.device, dtype=torch.float32)
     return model_fn(xin, tt, y).to(torch.float64)
 
 
 @torch.no_grad()
 def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 50, heun: bool = False,
-               null_class: int, cfg_scale: float = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
+               null_class: int, cfg_scale: Scale = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
                model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Euler (or Heun) ODE from t=1 to t=0 on ``steps+1`` equally spaced times; returns x0 (B,...) in model_dtype.
 
@@ -65,7 +77,7 @@ def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps
 
 @torch.no_grad()
 def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int = 250,
-                       process: FlowProcess | None = None, null_class: int, cfg_scale: float = 1.0,
+                       process: FlowProcess | None = None, null_class: int, cfg_scale: Scale = 1.0,
                        guidance: tuple[float, float] = (0.0, 1.0), last_t: float = 0.04,
                        generator: torch.Generator | None = None,
                        model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -90,9 +102,9 @@ def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, 
     b = x.shape[0]
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t_cur
-        if cfg_scale > 1.0 and guidance[0] <= t_cur <= guidance[1]:
+        if guides(cfg_scale) and guidance[0] <= t_cur <= guidance[1]:
             d = drift(torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)]), t_cur)
-            d = d[b:] + cfg_scale * (d[:b] - d[b:])
+            d = d[b:] + _scale_on(cfg_scale, d) * (d[:b] - d[b:])
         else:
             d = drift(x, y, t_cur)
         x = x + d * dt
@@ -103,7 +115,7 @@ def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, 
 
 
 def sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "euler", steps: int = 50,
-           null_class: int, cfg_scale: float = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
+           null_class: int, cfg_scale: Scale = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
            process: FlowProcess | None = None, generator: torch.Generator | None = None,
            model_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dispatch by name: ``euler`` | ``heun`` (ODE) or ``sde`` (Euler-Maruyama)."""

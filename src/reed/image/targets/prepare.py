@@ -133,7 +133,18 @@ def validate_target(tg: TargetConfig, z: torch.Tensor, n: int, source: str) -> t
     return z.float()
 
 
-class TensorTargets:
+class _HostRows:
+    """A target provider's two halves (:mod:`reed.loader`): ``read(indices)`` on the host (a data-loader worker)
+    and ``finish(rows, device)`` on the main process; ``get`` is both."""
+
+    def read(self, indices) -> torch.Tensor:
+        return self.get(indices)
+
+    def finish(self, rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        return rows.to(device, non_blocking=True)
+
+
+class TensorTargets(_HostRows):
     """Targets held in memory: (N,T,D) or (N,D)."""
 
     def __init__(self, z: torch.Tensor):
@@ -168,7 +179,7 @@ def _weights_fingerprint(tg: TargetConfig) -> str | None:
     return None
 
 
-class StoreTargets:
+class StoreTargets(_HostRows):
     """Targets memory-mapped from a :class:`~reed.store.TargetStore`; each batch is checked for NaN."""
 
     def __init__(self, tg: TargetConfig, ds):
@@ -201,25 +212,47 @@ class StoreTargets:
         """Shape of one example's target: (T, D) or (D,)."""
         return tuple(self.store.shape)
 
-    def get(self, indices) -> torch.Tensor:
-        z = self.store.get(indices)
-        if not torch.isfinite(z).all():
+    def read(self, indices) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows as stored (float16 / bfloat16 / int8 and scales): the host-to-device copy moves 2 or 1 bytes
+        per value instead of 4; checked for NaN/inf here, on the host."""
+        values, scale = self.store.get_stored(indices)
+        bad = not torch.isfinite(scale).all() if scale is not None else \
+            values.is_floating_point() and not torch.isfinite(values).all()
+        if bad:
             raise DataError(f"target '{self.name}': store {self.store.dir} has NaN/inf rows in this batch")
-        return z
+        return values, scale
+
+    def finish(self, rows, device: torch.device | str) -> torch.Tensor:
+        from reed.store import dequantize
+
+        values, scale = rows
+        return dequantize(values.to(device, non_blocking=True),
+                          None if scale is None else scale.to(device, non_blocking=True))
+
+    def get(self, indices) -> torch.Tensor:
+        return self.finish(self.read(indices), "cpu")
 
 
-class OnlineEncoderTargets:
-    """A frozen image encoder run on the raw images of every batch (no store)."""
+class OnlineEncoderTargets(_HostRows):
+    """A frozen image encoder run on the raw images of every batch (no store): the host reads the uint8 images,
+    the encoder runs on the device in the main process."""
 
     def __init__(self, tg: TargetConfig, ds, device: torch.device | str = "cpu"):
         from reed.image.targets.encoders import load_image_encoder
 
         self.tg, self.ds = tg, ds
         res = self.resolution = ds.raw_images([0]).shape[-1]
+        self.cuda = torch.device(device).type == "cuda"
+        name = tg.encoder_dtype if tg.encoder_dtype != "auto" else "bfloat16" if self.cuda else "float32"
         try:
-            self.encoder = load_image_encoder(tg.encoder, tg.path, resolution=res, device=device)
+            self.encoder = load_image_encoder(tg.encoder, tg.path, resolution=res, device=device,
+                                              dtype=getattr(torch, name))
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"target '{tg.name}': {e}") from None
+        if self.cuda:
+            self.encoder.model.to(memory_format=torch.channels_last)
+        if tg.encoder_compile:
+            self.encoder.model.compile()
         self.device = device
 
     @property
@@ -239,9 +272,17 @@ class OnlineEncoderTargets:
             return (len(self.tg.attention_layers), self.dim, t, t)
         return (t, self.dim)
 
-    @torch.no_grad()
+    def read(self, indices) -> torch.Tensor:
+        return self.ds.raw_images(indices)
+
     def get(self, indices) -> torch.Tensor:
-        images = self.ds.raw_images(indices).to(self.device)
+        return self.finish(self.read(indices), self.device)
+
+    @torch.no_grad()
+    def finish(self, rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        images = rows.to(self.device, non_blocking=True)
+        if self.cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.tg.kind == "attention":
             return self.encoder.attention_logits(images, list(self.tg.attention_layers))
         z = self.encoder(images)

@@ -90,6 +90,10 @@ class MoleculeDenoiser(nn.Module):
         self.max_atoms = self.net.embed.max_atoms
         self.self_condition = self.net.self_condition
 
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer of the network in the backward pass (:mod:`reed.activation_checkpoint`)."""
+        self.net.set_activation_checkpointing(enabled)
     def tap_dim(self, tap: int) -> int:
         """Width of the hidden state at ``tap`` (always :attr:`hidden_size`)."""
         self._check_taps([tap])

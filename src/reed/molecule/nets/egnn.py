@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reed.activation_checkpoint import ActivationCheckpointing
 from reed.molecule.nets.common import N_BOND_TYPES, N_CHARGES, InputEmbed, PairLinear, PairMLP, mlp, zero_com
 
 
@@ -47,7 +48,7 @@ class EGNNLayer(nn.Module):
         return zero_com(x, maskf), h
 
 
-class EGNN(nn.Module):
+class EGNN(ActivationCheckpointing, nn.Module):
     """E(n)-equivariant GNN denoiser (Satorras et al. 2021) with joint type / bond / charge heads.
 
     Layout: shared input embedding (atoms as in Semla; edges ``[one-hot bond, self-cond bond probs,
@@ -92,7 +93,7 @@ class EGNN(nn.Module):
         inv_deg = 1.0 / (maskf.sum(dim=1) - 1.0).clamp(min=1.0)[:, None, None]
         hidden: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers, start=1):
-            x, h = layer(x, h, e, maskf, adjf, inv_deg)
+            x, h = self.run_block(layer, x, h, e, maskf, adjf, inv_deg)
             if i in taps:
                 hidden[i] = h
         m = maskf.unsqueeze(-1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from reed.activation_checkpoint import ActivationCheckpointing
 from reed.molecule.nets.common import N_BOND_TYPES, N_CHARGES, InputEmbed, PairMLP, masked_softmax, mlp, zero_com
 
 
@@ -214,7 +215,7 @@ class BondRefine(nn.Module):
         return self.mlp(self.node_proj(self.node_norm(h)), pair)
 
 
-class SemlaNet(nn.Module):
+class SemlaNet(ActivationCheckpointing, nn.Module):
     """Semla denoiser (spec §1.5), with the padding leaks of the reference fixed.
 
     Layout: input embedding -> ``n_layers`` :class:`SemlaLayer` (layer 1 = *in* layer with edge features, layers
@@ -301,7 +302,7 @@ class SemlaNet(nn.Module):
         X = self.coord_in(torch.stack(sets, dim=-1)).permute(0, 3, 1, 2) * maskf[:, None, :, None]  # (B, S, N, 3)
         hidden: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers, start=1):
-            X, h, e_out = layer(X, h, maskf, adj, e if i == 1 else None)
+            X, h, e_out = self.run_block(layer, X, h, maskf, adj, e if i == 1 else None)
             if e_out is not None:
                 e = e_out
             if i in taps:
