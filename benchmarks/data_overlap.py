@@ -4,8 +4,10 @@ side in one run, on two deliberately slow data sources.
 * ``image-io``: the digits with SiT-T/4 (REPA's fitted-encoder tokens read from memory), where every step's host
   batch additionally waits ``--latency-ms`` (default 40 ms) before it is returned: a read from slow storage (a network
   file system, an object store), which costs wall time but no CPU.
+* ``image-cpu``: the same, but the host batch first computes for ``--latency-ms`` of CPU time (a decode or an
+  augmentation): on a machine whose cores the training step already uses, the workers compete with it.
 * ``protein``: inverse folding on the shared PDB files (mpnn-small), whose host batches are the real work of
-  collating chains into padded tensors (CPU-bound, competing with the training step for the same cores).
+  collating chains into padded tensors (cheap here: the measured host time per step is reported beside it).
 
 Each (source, workers) pair is trained ``--repeats`` times for ``--steps`` steps, the pairs interleaved so that
 machine noise hits them alike; steps/s is read from the trainer's own log (the first logged interval, start-up and
@@ -46,16 +48,22 @@ def _steps_per_second(run: Path) -> float:
     return (recs[-1]["step"] - recs[0]["step"]) / secs
 
 
-def _slow_image_task(latency_ms: float):
-    """ImageTask whose host batches wait ``latency_ms`` first (slow storage); picklable for the workers."""
+def _slow_image_task(latency_ms: float, kind: str):
+    """ImageTask whose host batches first wait ``latency_ms`` (``io``: slow storage, no CPU) or compute for that long
+    (``cpu``: thread CPU time, a decode); the workers are forked, so the class need not be importable."""
     from reed.image.task import ImageTask
 
-    class SlowReadImageTask(ImageTask):
+    class SlowImageTask(ImageTask):
         def host_batches(self, step: int, rank: int, world: int) -> list:
-            time.sleep(latency_ms / 1000)
+            if kind == "io":
+                time.sleep(latency_ms / 1000)
+            else:
+                t0 = time.thread_time()
+                while time.thread_time() - t0 < latency_ms / 1000:
+                    pass
             return super().host_batches(step, rank, world)
 
-    return SlowReadImageTask
+    return SlowImageTask
 
 
 def main() -> None:
@@ -85,19 +93,22 @@ def main() -> None:
     sources = {
         "image-io": (ROOT / "configs" / "demo.yaml",
                      [f"targets.0.path={enc}", "objective.method=repa", "train.batch_size=64", *common]),
+        "image-cpu": (ROOT / "configs" / "demo.yaml",
+                      [f"targets.0.path={enc}", "objective.method=repa", "train.batch_size=64", *common]),
         "protein": (ROOT / "configs" / "protein_esm2_reed.yaml",
                     [f"protein.data.path={Path(args.data) / 'pdb'}", "protein.data.token_budget=600",
                      "protein.model.preset=mpnn-small", "protein.eval_every=0", "objective.method=baseline",
                      "targets=[]", "train.epochs=0", *common]),
     }
     image_spec = domains.get_domain("image")
-    slow_spec = dataclasses.replace(image_spec, task=_slow_image_task(args.latency_ms))
+    slow = {f"image-{k}": dataclasses.replace(image_spec, task=_slow_image_task(args.latency_ms, k))
+            for k in ("io", "cpu")}
     results: dict = {name: {str(w): [] for w in args.workers} for name in sources}
     host_ms: dict = {}
     for rep in range(args.repeats):
         for name, (config, overrides) in sources.items():
             for w in args.workers:
-                domains.register_domain("image", slow_spec if name == "image-io" else image_spec)
+                domains.register_domain("image", slow.get(name, image_spec))
                 cfg = load_config(config, [*overrides, f"train.workers={w}", f"seed={rep}"])
                 run = tmp / f"{name}_{w}_{rep}"
                 train(cfg, run)

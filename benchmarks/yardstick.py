@@ -144,6 +144,9 @@ def scale_counts(overrides: tuple[str, ...], steps: int, config_steps: int) -> l
     ``train.steps`` to the budget, like :func:`schedule_overrides`."""
     out = []
     for o in overrides:
+        if o.startswith("@"):  # a marker (e.g. @entangle), not an override
+            out.append(o)
+            continue
         key, _, val = o.partition("=")
         if key == "objective.curriculum.align_stop":
             val = str(max(1, round(int(val) * steps / config_steps)))
