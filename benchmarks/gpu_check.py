@@ -10,7 +10,8 @@ train and time exactly as pretrained ones do). In under 8 minutes on a current G
    with a quickly fitted encoder; ``protein``: the dispersive loss on the PDB files; ``molecule``: the QM9 sample),
    interrupts and resumes the image run and compares its loss curve with the uninterrupted one, samples from every
    run on the GPU (``reed sample``), and trains the image run with ``train.compile=true``;
-3. counts the host syncs of a training step with ``torch.cuda.set_sync_debug_mode`` (logged steps excluded);
+3. counts the host syncs of a short training run with ``torch.cuda.set_sync_debug_mode`` (set-up, the two logged
+   steps and the final checkpoint included, so the count is an upper bound of the per-step syncs);
 4. measures training throughput (steps/s, images/s, peak memory, model FLOP utilisation) of SiT-B/2 and SiT-XL/2 at
    batch 32 and 64 on 4x32x32 latent-shaped inputs with a stored DINOv2-B-shaped token target (256 x 768, float16,
    REPA's depths 4 and 8, projector 2048) through :func:`reed.train.train`, and the per-batch cost of the two ways to
@@ -31,7 +32,7 @@ machine without it, copy that folder into the checkout (e.g. ``.gpu-data/``) and
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import json
 import math
 import os
@@ -162,6 +163,7 @@ class Check:
                 "objective.curriculum.gen_warmup=2", "image.sample.steps=4", *self.common(), *extra]
 
     def image(self) -> dict:
+        _need("sklearn")  # the embedded digits
         _cli("fit-encoder", DEMO, f"targets.0.path={self.work / 'encoder'}", "image.fit.steps=30",
              "train.progress=false")
         n = self.m["train_steps"]
@@ -275,42 +277,54 @@ class Check:
         return path, store
 
     def throughput(self) -> dict:
+        m = self.m
+        data, store = self._latent_data()
+        peak = next((v for k, v in PEAK_BF16.items() if self.cuda and k in torch.cuda.get_device_name()), None)
+        plan = [(p, d, b, False) for p, d in m["presets"] for b in m["batches"]]
+        plan.append((*m["presets"][-1], m["batches"][-1], True))  # the largest, again with activation checkpointing
+        rows = [self._timed_run(data, store, *item, peak) for item in plan]
+        self.results["throughput"] = rows
+        costs = self.results["targets"] = self._target_costs(data, store)
+        online_ms = min(costs["online_dinov2b_ms"], costs["online_dinov2b_compiled_ms"])
+        for r in rows:  # the online target's encoder adds its time to every step (same GPU, no overlap)
+            if r["batch"] == costs["batch"] and r["steps_per_second"]:
+                r["steps_per_second_online_target_estimate"] = _r(1 / (1 / r["steps_per_second"] + online_ms / 1e3), 3)
+        return {"runs": len(rows), "peak_bf16_flops": peak,
+                "online_estimate_rule": "1 / (1 / stored steps/s + the faster DINOv2-B time per batch)"}
+
+    def _timed_run(self, data: Path, store: Path, preset: str, depth: int, batch: int, checkpointing: bool,
+                   peak: float | None) -> dict:
+        """Steps/s, images/s, peak memory and MFU of REPA training on the stored target, through reed.train."""
         from reed.config import load_config
         from reed.train import train
 
         m = self.m
-        data, store = self._latent_data()
-        peak = next((v for k, v in PEAK_BF16.items() if self.cuda and k in torch.cuda.get_device_name()), None)
-        rows = []
-        for preset, depth in m["presets"]:
-            for batch in m["batches"]:
-                cfg = load_config(DEMO, [
-                    "image.data.name=npz", f"image.data.path={data}", f"image.model.preset={preset}",
-                    f"targets=[{{name: dino, source: store, path: {store}, kind: tokens, depth: {depth}, "
-                    f"projector_dim: {m['projector']}, dim: {m['tokens'][1]}}}]", "objective.method=repa",
-                    "objective.curriculum.gen_warmup=0", f"train.batch_size={batch}", f"train.steps={m['steps']}",
-                    f"train.log_every={m['log_every']}", "train.checkpoint_every=0", "train.keep_checkpoints=1",
-                    "train.lr=1e-4", *[o for o in self.common() if not o.startswith("train.log_every")]])
-                if self.cuda:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                run = self.work / f"tp_{_slug(preset)}_{batch}"
-                train(cfg, run)
-                recs = _records(run)[1:]  # the first logged interval holds start-up and warm-up
-                secs = sum(r["time"] for r in recs[1:])
-                steps = recs[-1]["step"] - recs[0]["step"]
-                sps = steps / secs if secs > 0 else float("nan")
-                flops = self._step_flops(preset, batch, depth)
-                rows.append({"preset": preset, "batch": batch, "repa_depth": depth, "steps_per_second": _r(sps, 3),
-                             "images_per_second": _r(sps * batch, 1),
-                             "peak_memory_gib": _r(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda
-                             else None, "model_tflops_per_step": _r(flops / 1e12, 3),
-                             "mfu": _r(flops * sps / peak, 4) if peak else None})
-                print(f"[gpu-check]   {preset} batch {batch}: {rows[-1]}", flush=True)
-                shutil.rmtree(run, ignore_errors=True)
-        self.results["throughput"] = rows
-        self.results["targets"] = self._target_costs(data, store)
-        return {"runs": len(rows), "peak_bf16_flops": peak}
+        cfg = load_config(DEMO, [
+            "image.data.name=npz", f"image.data.path={data}", f"image.model.preset={preset}",
+            f"targets=[{{name: dino, source: store, path: {store}, kind: tokens, depth: {depth}, "
+            f"projector_dim: {m['projector']}, dim: {m['tokens'][1]}}}]", "objective.method=repa",
+            "objective.curriculum.gen_warmup=0", f"train.batch_size={batch}", f"train.steps={m['steps'] + 1}",
+            f"train.log_every={m['log_every']}", "train.checkpoint_every=0", "train.lr=1e-4",
+            f"train.activation_checkpointing={str(checkpointing).lower()}",
+            *[o for o in self.common() if not o.startswith("train.log_every")]])
+        if self.cuda:
+            gc.collect()  # the previous run's model sits in a reference cycle (accelerate's wrapped forward)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        run = self.work / f"tp_{_slug(preset)}_{batch}_{int(checkpointing)}"
+        train(cfg, run, stop_at=m["steps"])  # one step short of train.steps: no final checkpoint to write
+        recs = _records(run)[1:]  # the first logged interval holds start-up and warm-up
+        secs = sum(r["time"] for r in recs[1:])
+        steps = recs[-1]["step"] - recs[0]["step"]
+        sps = steps / secs if secs > 0 else float("nan")
+        flops = self._step_flops(preset, batch, depth)
+        row = {"preset": preset, "batch": batch, "repa_depth": depth, "activation_checkpointing": checkpointing,
+               "steps_per_second": _r(sps, 3), "images_per_second": _r(sps * batch, 1),
+               "peak_memory_gib": _r(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None,
+               "model_tflops_per_step": _r(flops / 1e12, 3), "mfu": _r(flops * sps / peak, 4) if peak else None}
+        print(f"[gpu-check]   {row}", flush=True)
+        shutil.rmtree(run, ignore_errors=True)
+        return row
 
     def _step_flops(self, preset: str, batch: int, depth: int) -> float:
         """FLOPs of one SiT forward + backward at this batch (torch.utils.flop_counter; projector and loss excluded)."""
@@ -402,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         c = Check(mode, device, Path(args.data), Path(tmp))
         checks = {"environment": c.environment, "image": c.image, "resume": c.resume, "compile": c.compiled,
                   "syncs": c.syncs, "protein": c.protein, "molecule": c.molecule, "throughput": c.throughput}
-        for name, fn in checks.items():
-            if args.only is None or name in args.only:
-                with contextlib.chdir(ROOT):
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # the configs' relative paths
+        try:
+            for name, fn in checks.items():
+                if args.only is None or name in args.only:
                     c.run(name, fn)
+        finally:
+            os.chdir(cwd)
     res = c.results
     env = res["checks"].get("environment", {})
     failed = [k for k, v in res["checks"].items() if v["status"] == "failed"]

@@ -208,15 +208,16 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=list)
     cache_dir: str = ".cache/reed"
     progress: bool = True
-    #: data-loader worker processes preparing micro-batches ahead (reed.loader); null: 4 on CUDA, 0 on CPU
+    #: data-loader worker processes preparing micro-batches ahead (reed.loader); null: on CUDA up to 4 per process
+    #: (fewer on a small machine, reed.loader.default_workers), on CPU none
     workers: int | None = None
     #: steps each worker prepares ahead
     prefetch: int = 2
-    #: page-locked host batches (CUDA only), so the copy to the device overlaps compute
+    #: page-locked host batches so the copy to the device overlaps compute (CUDA with workers > 0 only)
     pin_memory: bool = True
-    #: "log": the loss's finiteness is read from the device every log_every steps and before every checkpoint
-    #: (no per-step host sync; training stops at the first non-finite step's checkpoint boundary); "step": every
-    #: step, at once (exact, for debugging; synchronises the device each step)
+    #: "log": the device's record of the first non-finite step is read at logged steps, before every evaluation and
+    #: before every checkpoint (no per-step host sync; training stops at the first of those after the non-finite
+    #: step, and no checkpoint after it is written); "step": every step, at once (for debugging; one sync per step)
     finite_check: Literal["log", "step"] = "log"
     #: torch.compile the denoiser (nn.Module.compile: checkpoints keep their keys)
     compile: bool = False
@@ -225,8 +226,9 @@ class TrainConfig:
     tf32: bool = True
     #: the fused (single-kernel) AdamW/Adam on CUDA; no effect on CPU
     fused_optimizer: bool = True
-    #: recompute each block's activations in the backward pass instead of storing them (less memory, ~30% more
-    #: compute); for denoisers with ``set_activation_checkpointing`` (SiT, the protein MPNN)
+    #: recompute each block's activations in the backward pass instead of storing them (less memory, about one more
+    #: forward of compute); for denoisers with ``set_activation_checkpointing`` (SiT, the protein MPNN, the molecule
+    #: networks)
     activation_checkpointing: bool = False
 
 

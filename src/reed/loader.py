@@ -69,11 +69,14 @@ def _as_is(item: list) -> list:
 
 
 def default_workers(device: torch.device) -> int:
-    """``train.workers: null``: 4 workers (fewer on small machines, leaving one core to the main process) on CUDA,
-    none on CPU, where the workers would take the cores the training step runs on."""
+    """``train.workers: null``: on CUDA 4 workers per process, fewer where the cores this process may use (its CPU
+    affinity, divided among the node's processes, ``LOCAL_WORLD_SIZE``) leave less, keeping one for the process
+    itself; none on CPU, where the workers would take the cores the training step runs on."""
     if device.type != "cuda":
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(4, per_process - 1))
 
 
 def step_batches(source: StepSource, start: int, end: int, *, workers: int = 0, prefetch: int = 2,
@@ -82,7 +85,7 @@ def step_batches(source: StepSource, start: int, end: int, *, workers: int = 0, 
 
     ``workers`` > 0 prepares them in that many worker processes (``prefetch`` steps ahead each, pinned when
     ``pin_memory``); with 0 the main thread calls ``source(step)`` when the step begins. Workers are forked where
-    the platform can (Linux), so a domain's data need not be pickled; they never touch the device.
+    the platform offers it (Linux, macOS), so a domain's data need not be pickled; they never touch the device.
     """
     if workers <= 0:
         for step in range(start, end):

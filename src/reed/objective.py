@@ -489,6 +489,7 @@ class Objective:
             parts["dispersive"] = l_disp.detach()
             loss = loss + self.dispersive.coeff * l_disp
         parts_out = {"loss": loss.detach(), "loss_gen": out.loss_gen.detach(), "loss_align": align.detach(),
-                     "w_gen": torch.tensor(w_gen), "w_align": torch.tensor(w_align)}
+                     # filled on the loss's device (a CPU tensor here would cost a blocking copy per step)
+                     "w_gen": loss.new_full((), w_gen).detach(), "w_align": loss.new_full((), w_align).detach()}
         parts_out.update(parts)
         return loss, parts_out

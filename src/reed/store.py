@@ -2,8 +2,9 @@
 
 Layout of a store directory::
 
-    manifest.json   {"kind": "reed.targets", "version": 1, "source": ..., "weights_fingerprint": ...,
-                     "preprocessing": {...}, "shape": [T, D] or [D], "dtype": "float16"|"float32", "count": N,
+    manifest.json   {"kind": "reed.targets", "version": 1 (2 for bfloat16 / int8), "source": ...,
+                     "weights_fingerprint": ..., "preprocessing": {...}, "shape": [T, D] or [D],
+                     "dtype": "float16"|"float32"|"bfloat16"|"int8", "count": N,
                      "dataset_fingerprint": ..., "shard_size": S, "shards": [{"index", "count", "file"}]}
     z_00000.npy     (n, T, D) or (n, D) rows [i*S, (i+1)*S) of the data set, in data-set order
     s_00000.npy     int8 stores only: (n, T) or (n,) float32 scale of each vector (its max |value| / 127)
@@ -12,7 +13,7 @@ Storage dtypes (:data:`STORE_DTYPES`; bytes per value): ``float32`` (4), ``float
 ``bfloat16`` (2, float32's range with 8 significant bits; saved as int16 bits), ``int8`` (1 + 4/D: each target
 vector quantised to round(127 v / max|v|) with its scale; the cosine of alignment is scale-free, and the relative
 error of a component is at most 1/254 of the vector's largest one). The ImageNet DINOv2-B token target (1.28M x 256
-x 768) is 1007 GB in float32, 503 GB in float16 or bfloat16, 253 GB in int8. Readers get float32
+x 768) is 1007 GB in float32, 503 GB in float16 or bfloat16, 253 GB in int8 (its scales included). Readers get float32
 (:meth:`TargetStore.get`) or the stored values and scales (:meth:`TargetStore.get_stored`, which a training batch
 copies to the device before :func:`dequantize`, halving or quartering the bytes copied).
 
@@ -50,6 +51,9 @@ from reed.io import atomic_save_npy, atomic_write_json
 
 KIND = "reed.targets"
 STORE_DTYPES = ("float16", "float32", "bfloat16", "int8")
+#: version 1: float16 / float32 stores (readable by every reed); 2: bfloat16 (int16 bits) and int8 (+ scales), which
+#: a reader of version 1 alone would misread, so it refuses them by the version
+VERSIONS = (1, 2)
 VERSION = 1
 _FULL_SCAN_BYTES = 2 << 30  # stores up to 2 GiB are scanned fully for NaN on open; larger ones per shard edge rows
 
@@ -148,7 +152,8 @@ class TargetStoreWriter:
         if dtype not in STORE_DTYPES:
             raise DataError(f"target store dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
         self.dir = Path(directory)
-        self.meta = {"kind": KIND, "version": VERSION, "source": source, "weights_fingerprint": weights_fingerprint,
+        version = 2 if dtype in ("bfloat16", "int8") else VERSION
+        self.meta = {"kind": KIND, "version": version, "source": source, "weights_fingerprint": weights_fingerprint,
                      "preprocessing": preprocessing or {}, "shape": [int(s) for s in shape], "dtype": dtype,
                      "count": int(count), "dataset_fingerprint": dataset_fingerprint, "shard_size": int(shard_size)}
         self.num_shards = (count + shard_size - 1) // shard_size
@@ -248,7 +253,7 @@ class TargetStore:
             self.meta = json.loads(man.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"target store manifest {man} is corrupt ({e})") from None
-        if self.meta.get("kind") != KIND or self.meta.get("version") != VERSION:
+        if self.meta.get("kind") != KIND or self.meta.get("version") not in VERSIONS:
             raise DataError(f"{man} is not a reed target store (kind {self.meta.get('kind')!r}, "
                             f"version {self.meta.get('version')!r})")
         self.count = int(self.meta["count"])
@@ -300,10 +305,17 @@ class TargetStore:
         """:func:`check_target_values` over every row (stores up to 2 GiB) or the 64 first and last rows per shard."""
         full = sum(a.nbytes for a in self.shards) <= _FULL_SCAN_BYTES
         total = small = 0
+        per_row = 4 * int(np.prod(self.shape))  # float32 bytes of one row once dequantised
+        chunk = max(1, _CHECK_CHUNK_BYTES // per_row)
         for i, a in enumerate(self.shards):
-            rows = slice(None) if full or len(a) <= 128 else np.r_[0:64, len(a) - 64 : len(a)]
-            t, s = target_vector_counts(self._float_rows(i, rows), f"target store {self.dir}: shard {shard_file(i)}")
-            total, small = total + t, small + s
+            if full or len(a) <= 128:  # row chunks: a shard is never copied whole
+                parts = [slice(j, j + chunk) for j in range(0, len(a), chunk)]
+            else:
+                parts = [np.r_[0:64, len(a) - 64 : len(a)]]
+            for rows in parts:
+                t, s = target_vector_counts(self._float_rows(i, rows),
+                                            f"target store {self.dir}: shard {shard_file(i)}")
+                total, small = total + t, small + s
         where = f"target store {self.dir}" + ("" if full else " (first and last 64 rows of each shard)")
         check_zero_vectors(total, small, where, refuse_all=full)
 

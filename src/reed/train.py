@@ -179,35 +179,45 @@ def _lr_factor(tc) -> Callable[[int], float]:
 
 def build_optimizer(params, tc, *, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay) or Adam (L2 in the gradient) per ``train.optimizer``, with ``amsgrad``;
-    ``fused``: the single-kernel CUDA implementation (same update, fewer launches)."""
+    ``fused``: the single-kernel implementation (the same update to rounding, fewer launches)."""
     cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, amsgrad=tc.amsgrad,
                **({"fused": True} if fused else {}))
 
 
-def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc) -> None:
+def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc, *, fused: bool = False) -> None:
     """After loading a checkpoint's optimizer and scheduler: the config's ``train.lr``, ``betas``,
-    ``weight_decay`` and ``amsgrad`` take effect (a lower lr after a divergence is really lower)."""
+    ``weight_decay`` and ``amsgrad`` take effect (a lower lr after a divergence is really lower), and so does the
+    implementation (``fused``: loading restores the checkpoint's, e.g. a CPU run's unfused one resumed on a GPU);
+    the step counters move to where that implementation keeps them (the parameter's device when fused, else the
+    CPU: on the device an unfused step would read them back every step)."""
     sched.base_lrs = [tc.lr for _ in opt.param_groups]
     factor = _lr_factor(tc)(sched.last_epoch)
     for g in opt.param_groups:
         g.update(lr=tc.lr * factor, initial_lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
-                 amsgrad=tc.amsgrad)
+                 amsgrad=tc.amsgrad, fused=True if fused else None, foreach=None)
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                on = p.device if fused or g.get("capturable") else torch.device("cpu")
+                st["step"] = st["step"].to(device=on, dtype=torch.float32)
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def _first_non_finite(bad: dict[str, torch.Tensor] | None, logs: dict, loss: torch.Tensor,
                       step: int) -> dict[str, torch.Tensor]:
     """The device's record of the first step whose ``loss`` is not finite: ``{"step": (), name: () ...}`` with step
-    -1 and NaN values while there is none. Pure tensor ops (``torch.where``), so recording it never waits for the
-    device; the trainer reads it at logged steps and checkpoint boundaries."""
+    -1 and NaN values while there is none. Pure tensor ops on the loss's device (``torch.where``, fills), so
+    recording it never waits for the device; the trainer reads it at logged steps, evaluations and checkpoints."""
     dev = loss.device
     first = ~torch.isfinite(loss) if bad is None else ~torch.isfinite(loss) & (bad["step"] < 0)
     prev = bad or {"step": torch.full((), -1, dtype=torch.long, device=dev)}
     nan = torch.full((), math.nan, device=dev)  # a fill, not a copy from the host
 
-    def on_device(v):  # python numbers (schedule weights) filled on the device, tensors as they are
-        return v.float() if isinstance(v, torch.Tensor) else torch.full((), float(v), device=dev)
+    def on_device(v):  # numbers and CPU scalars filled on the device (no blocking copy), device tensors as they are
+        if isinstance(v, torch.Tensor) and v.device == dev:
+            return v.float()
+        return torch.full((), float(v), device=dev)  # float() of a python number or a CPU tensor reads no device
 
     out = {k: torch.where(first, on_device(v), prev.get(k, nan)) for k, v in logs.items()}
     out["step"] = torch.where(first, step, prev["step"])
@@ -297,9 +307,13 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
     tc = replace(tc, workers=tc.workers if tc.workers is not None else default_workers(device))
     cfg = replace(cfg, train=tc)
     pin = tc.pin_memory and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
-        torch.backends.cudnn.allow_tf32 = tc.tf32
+    if device.type == "cuda":  # process-wide, as torch's own switch
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if tc.tf32 else "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if tc.tf32 else "ieee"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+            torch.backends.cudnn.allow_tf32 = tc.tf32
 
     torch.manual_seed(cfg.seed)  # model init independent of what target preparation drew from the global RNG
     denoiser = task.build_denoiser()
@@ -315,7 +329,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         objective.teacher = ema.model
     if tc.compile:  # in place, after the EMA copy: the state dict keeps its keys, the EMA model stays eager
         module.denoiser.compile(mode=None if tc.compile_mode == "default" else tc.compile_mode)
-    opt = build_optimizer(module.parameters(), tc, fused=device.type == "cuda" and tc.fused_optimizer)
+    fused = device.type == "cuda" and tc.fused_optimizer
+    opt = build_optimizer(module.parameters(), tc, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(tc))
 
     if ckpt is not None:
@@ -329,7 +344,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {ckpt} does not fit this model and train.optimizer "
                                   f"({e})") from None
-        apply_new_hyperparameters(opt, sched, tc)
+        apply_new_hyperparameters(opt, sched, tc, fused=fused)
         restore_rng(rng, state.get("rng", {}))
 
     cfg_text = dump_config(cfg)
@@ -384,15 +399,31 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                     accelerator.log(res, step=step)
 
     def check_finite() -> None:
-        """Raise at the first non-finite step recorded on the device (one host sync)."""
-        if bad is None or int(bad["step"]) < 0:
+        """Raise at the first non-finite step recorded on the device (one host sync). With several processes the
+        earliest step over all of them is agreed on first (one small all-reduce), so every process raises at the
+        same call: a NaN in one process's shard must not leave the others waiting in the next collective."""
+        step_t = bad["step"] if bad is not None else torch.full((), -1, dtype=torch.long, device=device)
+        if world > 1:
+            import torch.distributed as dist
+
+            never = torch.iinfo(torch.long).max
+            first_t = torch.where(step_t < 0, torch.full_like(step_t, never), step_t)
+            dist.all_reduce(first_t, op=dist.ReduceOp.MIN)
+            first = int(first_t)
+            first = -1 if first == never else first
+        else:
+            first = int(step_t)
+        if first < 0:
             return
         good = last_good_checkpoint(run_dir)
         where = f"last good checkpoint: {good}" if good else "no good checkpoint was written yet"
+        later = "" if exact else f" (checked at step {done - 1}, every train.log_every and before each checkpoint)"
+        if int(step_t) != first:  # another process saw it first
+            raise NonFiniteLossError(f"loss became non-finite at step {first}{later} in another process; training "
+                                     f"stopped. {where}")
         vals = {k: float(v) for k, v in bad.items() if k != "step"}
         detail = ", ".join(f"{k}={v:.4g}" for k, v in vals.items() if k != "loss")
-        later = "" if exact else f" (checked at step {done - 1}, every train.log_every and before each checkpoint)"
-        raise NonFiniteLossError(f"loss became {vals['loss']} at step {int(bad['step'])}{later} ({detail}); "
+        raise NonFiniteLossError(f"loss became {vals['loss']} at step {first}{later} ({detail}); "
                                  f"training stopped. {where}")
 
     exact = tc.finite_check == "step"

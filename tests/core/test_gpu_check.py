@@ -24,9 +24,12 @@ def test_dry_run_passes_every_check_it_can_run_on_the_cpu(tmp_path, shared_data)
                       "protein": "ok", "molecule": "ok", "throughput": "ok"}
     assert res["checks"]["resume"]["exact"] is True  # CPU: the resumed curve is the uninterrupted one, bit for bit
     assert res["checks"]["compile"]["max_abs_loss_difference_vs_eager"] < 1e-3
-    (row,) = res["throughput"]
-    assert row["preset"] == "SiT-T/4" and row["steps_per_second"] > 0 and row["model_tflops_per_step"] > 0
+    row, ckpt = res["throughput"]  # the grid (one size in the dry run), then its largest with checkpointing
+    assert row["preset"] == ckpt["preset"] == "SiT-T/4" and [row["activation_checkpointing"],
+                                                             ckpt["activation_checkpointing"]] == [False, True]
+    assert row["steps_per_second"] > 0 and row["model_tflops_per_step"] > 0
     assert row["mfu"] is None  # no peak FLOP rate for a CPU
+    assert 0 < row["steps_per_second_online_target_estimate"] < row["steps_per_second"]
     t = res["targets"]
     assert t["store_read_ms"] > 0 and t["online_dinov2b_ms"] > 0 and t["online_dtype"] == "float32"
     assert res["settings"]["mode"] == "dry-run" and res["settings"]["workers"] == 1

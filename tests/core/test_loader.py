@@ -52,12 +52,15 @@ def test_to_device_moves_nested_tensors_and_batch_objects():
     assert torch.equal(out[1]["z"], torch.ones(2)) and out[0].x.shape == (1, 2, 3)
 
 
-def test_default_workers_are_none_on_cpu_and_leave_a_core_on_cuda(monkeypatch):
+def test_default_workers_are_none_on_cpu_and_share_the_cores_on_cuda(monkeypatch):
     assert default_workers(torch.device("cpu")) == 0
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert default_workers(torch.device("cuda")) == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert default_workers(torch.device("cuda")) == 1  # one core kept for the process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert default_workers(torch.device("cuda")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes on 16 cores: 2 each
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_workers(torch.device("cuda")) == 1
 
 
 def test_workers_leave_the_global_rng_alone():

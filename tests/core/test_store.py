@@ -135,6 +135,7 @@ def test_low_precision_stores_round_trip_within_their_precision(tmp_path, dtype)
     w.write(lambda idx: z[torch.as_tensor(idx)], progress=False)
     w.finalize()
     store = TargetStore(tmp_path / dtype)
+    assert store.meta["version"] == (1 if dtype == "float16" else 2)  # a version-1 reader refuses, never misreads
     idx = [7, 0, 3, 9, 4]
     got = store.get(idx)
     assert got.dtype == torch.float32 and got.shape == (5, 3, 16)

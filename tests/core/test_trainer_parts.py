@@ -79,3 +79,40 @@ def test_accumulation_and_bf16_train(tmp_path, extra):
     assert res.step == 6
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+def test_resuming_switches_the_optimizer_implementation_and_moves_its_step_counters():
+    """A checkpoint's optimizer state carries its implementation: resumed with train.fused_optimizer (as on a GPU)
+    the groups become fused with float32 step counters on the parameters' device, and back unfused they return to
+    the CPU; either way the next update equals the unfused one to rounding (CPU has a fused AdamW too)."""
+    from types import SimpleNamespace
+
+    from reed.train import apply_new_hyperparameters, build_optimizer
+
+    tc = SimpleNamespace(optimizer="adamw", lr=1e-2, betas=[0.9, 0.999], weight_decay=0.01, amsgrad=False,
+                         lr_warmup=0, warmup_from=0.0)
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    g = [torch.randn(5, 3) for _ in range(3)]
+
+    def run(fused_after: bool) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        p = nn.Parameter(w0.clone())
+        opt = build_optimizer([p], tc)
+        for k in range(2):
+            p.grad = g[k].clone()
+            opt.step()
+        state = opt.state_dict()
+        opt2 = build_optimizer([p], tc, fused=fused_after)
+        opt2.load_state_dict(state)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
+        apply_new_hyperparameters(opt2, sched, tc, fused=fused_after)
+        p.grad = g[2].clone()
+        opt2.step()
+        return p.detach().clone(), opt2
+
+    plain, opt_plain = run(False)
+    fused, opt_fused = run(True)
+    assert opt_fused.param_groups[0]["fused"] is True and opt_plain.param_groups[0]["fused"] is None
+    step = next(iter(opt_fused.state.values()))["step"]
+    assert step.dtype == torch.float32 and float(step) == 3.0
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)

@@ -496,7 +496,8 @@ class SiT(ActivationCheckpointing, nn.Module):
             return cfg_scale
         w_cls = cfg_scale if cls_cfg_scale is None else cls_cfg_scale if cls_cfg_scale > 0 else 1.0
         n_img = self.in_channels * self.input_size**2
-        return torch.cat([torch.full((n_img,), float(cfg_scale)), torch.full((self.cls_dim,), float(w_cls))])
+        return torch.cat([torch.full((n_img,), float(cfg_scale), dtype=torch.float64),
+                          torch.full((self.cls_dim,), float(w_cls), dtype=torch.float64)])
 
     def image_of(self, state: Tensor) -> Tensor:
         """The image (B, C, H, W) of a sampled state (REG's vector is discarded, as REG does)."""

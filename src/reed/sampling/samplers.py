@@ -20,12 +20,21 @@ Scale = float | torch.Tensor
 
 
 def guides(cfg_scale: Scale) -> bool:
-    """Whether ``cfg_scale`` asks for guidance (some element above 1)."""
-    return float(cfg_scale.max()) > 1.0 if isinstance(cfg_scale, torch.Tensor) else cfg_scale > 1.0
+    """Whether ``cfg_scale`` asks for guidance (some element above 1). A scale moved by :func:`_scale_on` carries
+    the answer read from its host copy, so asking at every step never waits for the device."""
+    if not isinstance(cfg_scale, torch.Tensor):
+        return cfg_scale > 1.0
+    known = getattr(cfg_scale, "_reed_guides", None)
+    return known if known is not None else float(cfg_scale.max()) > 1.0
 
 
 def _scale_on(cfg_scale: Scale, x: torch.Tensor) -> Scale:
-    return cfg_scale.to(x.device, torch.float64) if isinstance(cfg_scale, torch.Tensor) else cfg_scale
+    """``cfg_scale`` on ``x``'s device in float64 (once per sampling run), remembering whether it guides."""
+    if not isinstance(cfg_scale, torch.Tensor):
+        return cfg_scale
+    moved = cfg_scale.to(x.device, torch.float64)
+    moved._reed_guides = guides(cfg_scale)
+    return moved
 
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, *, null_class: int,
@@ -64,7 +73,7 @@ def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps
         raise ValueError(f"ode_sample: steps must be >= 1, got {steps}")
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
-    kw = dict(null_class=null_class, cfg_scale=cfg_scale, guidance=guidance, model_dtype=model_dtype)
+    kw = dict(null_class=null_class, cfg_scale=_scale_on(cfg_scale, x), guidance=guidance, model_dtype=model_dtype)
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = guided_velocity(model_fn, x, t_cur, y, **kw)
         x_next = x + (t_next - t_cur) * v
@@ -93,6 +102,7 @@ def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, 
     process = process or FlowProcess("linear")
     times = torch.linspace(1.0, last_t, steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
+    cfg_scale = _scale_on(cfg_scale, x)  # moved to the device once, not every step
 
     def drift(xx: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((xx.shape[0],), t, device=xx.device, dtype=torch.float64)

@@ -243,6 +243,14 @@ class ImageEncoder(nn.Module):
         scale = self.spec.resize / REFERENCE_RESOLUTION
         return round(scale * height), round(scale * width)
 
+    def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The spec's mean and std (1, 3, 1, 1) on ``device``, copied there once (not once per batch)."""
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if device not in cache:
+            cache[device] = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                                  for v in (self.spec.mean, self.spec.std))
+        return cache[device]
+
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 or float ``0..255`` images ``(B, 3, H, W)`` → normalised / resized float32 ``(B, 3, h, w)``.
 
@@ -252,8 +260,7 @@ class ImageEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = images.to(torch.float32) / 255.0
-        mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        mean, std = self._normalisation(x.device)
         size = self.input_size(x.shape[-2], x.shape[-1])
         needs_resize = size != tuple(x.shape[-2:])
         if self.spec.normalize_first:

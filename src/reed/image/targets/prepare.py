@@ -252,7 +252,14 @@ class OnlineEncoderTargets(_HostRows):
         if self.cuda:
             self.encoder.model.to(memory_format=torch.channels_last)
         if tg.encoder_compile:
-            self.encoder.model.compile()
+            if tg.kind == "attention":  # its logits come from forward hooks added per call, which compiling would bake
+                raise DataError(f"target '{tg.name}': encoder_compile does not apply to kind 'attention' (its "
+                                "logits are read with per-call hooks); set encoder_compile: false")
+            model = self.encoder.model
+            if hasattr(model, "forward_features"):  # timm / MoCo v3: what ImageEncoder calls
+                model.forward_features = torch.compile(model.forward_features)
+            else:
+                model.compile()
         self.device = device
 
     @property
