@@ -13,6 +13,9 @@ vector (REG's class token; aligned as one more token of the token target), ``ire
 z-score), ``haste`` (REPA stopped at half the budget, HASTE's 250K of 500K; no attention term: the fitted encoder is a
 CNN without attention maps), ``sra`` (block 2 through its head to the EMA's block 3 at a less noisy time) and
 ``disp`` (dispersive loss on the last block), each with its paper's coefficients; no target encoder for sra and disp.
+``reed+irepa+reg`` combines options: REED with iREPA's conv projector and spatial z-score on the token target and
+REG's entangled pooled vector. ``--only NAME ...`` runs some of them into the same results file (a method added
+later, or a pilot with ``--out`` elsewhere); the settings keep the commands of the runs already in the file.
 
 Knowledge effect (the full run): ``repa (own-data encoder)`` and ``reed (own-data encoder)`` use a VICReg encoder
 fitted on the generator's own training images (``image.fit.world_size=0``) instead of one fitted on
@@ -43,7 +46,7 @@ of means); seed-paired ratios are listed beside it.
     python benchmarks/yardstick.py --quick    # 800 steps, seeds 0 1 2, sit/repa/reed (~17 min on 2 cores)
     python benchmarks/yardstick.py            # 3000 steps, seeds 0 1 2, + own-data encoder variants (~78 min)
     python benchmarks/yardstick.py --smoke    # 20 steps, 1 seed, 2 evaluations, 64 samples (a test)
-    python benchmarks/yardstick.py --quick --methods all   # + reg, irepa, haste, sra, disp (yardstick_methods_quick)
+    python benchmarks/yardstick.py --quick --methods all   # + reg, irepa, haste, sra, disp, reed+irepa+reg
     python benchmarks/yardstick.py --device cuda --steps 3000 image.data.resolution=32 \\
         image.model.preset=SiT-S/2 image.data.size=50000    # scales up unchanged
 
