@@ -268,12 +268,16 @@ def thresholds_of(results: dict) -> dict[str, dict]:
 
 
 def spread(values: list[float | None]) -> dict:
-    """{per_seed, mean, rel_spread}: mean and (max - min) / mean, both null if any value is null."""
+    """{per_seed, mean, rel_spread, rel_sem}: mean, (max - min) / mean (the issue's resolution criterion) and the
+    standard error of the mean relative to it, std(ddof=1) / sqrt(n) / mean (which, unlike the range, shrinks with
+    more seeds; for comparison only), all null if any value is null."""
     ok = bool(values) and all(v is not None for v in values)
     mean = float(np.mean(values)) if ok else None
     rel = float((max(values) - min(values)) / mean) if ok and mean else None
+    sem = float(np.std(values, ddof=1) / np.sqrt(len(values)) / mean) if ok and mean and len(values) > 1 else None
     return {"per_seed": [None if v is None else round(v, 2) for v in values],
-            "mean": None if mean is None else round(mean, 2), "rel_spread": None if rel is None else round(rel, 4)}
+            "mean": None if mean is None else round(mean, 2), "rel_spread": None if rel is None else round(rel, 4),
+            "rel_sem": None if sem is None else round(sem, 4)}
 
 
 def ratio(num: dict, den: dict, num_seeds: list[int], den_seeds: list[int]) -> dict:
@@ -298,6 +302,7 @@ def summary_rules() -> dict[str, object]:
         "threshold_fractions": list(THRESHOLD_FRACTIONS),
         "steps_to_threshold_rule": "first step with smoothed FD <= threshold, linear in log-step between evaluations",
         "rel_spread": "(max - min) / mean over seeds", "resolution_limit": RESOLUTION_LIMIT,
+        "rel_sem": "std(ddof=1) / sqrt(n) / mean over seeds (for comparison; resolution_sem = its max over methods)",
         "speedup_spread": "relative spreads of the two means added (seed-paired ratios listed as per_seed)",
     }
 
@@ -336,6 +341,8 @@ def summarise(results: dict) -> None:
         results["resolution_ok"][key] = bool(rels) and all(r is not None and r <= RESOLUTION_LIMIT for r in rels)
         raw = [m["steps_to_threshold"][key]["unsmoothed"]["rel_spread"] for m in methods.values() if m["seeds"]]
         results["resolution_unsmoothed"][key] = max([r for r in raw if r is not None], default=None)
+        sems = [m["steps_to_threshold"][key].get("rel_sem") for m in methods.values() if m["seeds"]]
+        results.setdefault("resolution_sem", {})[key] = max([r for r in sems if r is not None], default=None)
 
     def ratios(base: str, names) -> dict:
         if base not in methods:
