@@ -334,6 +334,7 @@ def summarise(results: dict) -> None:
                       "attribute_tv_mean": {a: _r(np.mean([p["attribute_tv"][a] for p in last]))
                                             for a in last[0]["attribute_tv"]}} if last else {}
     results["resolution"], results["resolution_ok"], results["resolution_unsmoothed"] = {}, {}, {}
+    results["resolution_sem"] = {}
     for key in thr:
         rels = [m["steps_to_threshold"][key]["rel_spread"] for m in methods.values() if m["seeds"]]
         known = [r for r in rels if r is not None]
@@ -342,7 +343,7 @@ def summarise(results: dict) -> None:
         raw = [m["steps_to_threshold"][key]["unsmoothed"]["rel_spread"] for m in methods.values() if m["seeds"]]
         results["resolution_unsmoothed"][key] = max([r for r in raw if r is not None], default=None)
         sems = [m["steps_to_threshold"][key].get("rel_sem") for m in methods.values() if m["seeds"]]
-        results.setdefault("resolution_sem", {})[key] = max([r for r in sems if r is not None], default=None)
+        results["resolution_sem"][key] = max([r for r in sems if r is not None], default=None)
 
     def ratios(base: str, names) -> dict:
         if base not in methods:
