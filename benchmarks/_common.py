@@ -1,4 +1,5 @@
-"""Pieces shared by the convergence benchmarks (``convergence.py``, ``yardstick.py``); not a benchmark itself.
+"""Pieces shared by the benchmarks (``convergence.py``, ``yardstick.py``, ``gpu_check.py``, ``data_overlap.py``); not a
+benchmark itself.
 
 Imported as ``from _common import ...``: the benchmarks run as scripts, so their own folder is on ``sys.path``.
 """
@@ -6,6 +7,7 @@ Imported as ``from _common import ...``: the benchmarks run as scripts, so their
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,14 @@ def steps_to_reach(curve: list[dict], target: float) -> float | None:
             return float(math.exp(a + frac * (b - a)))
         prev = p
     return None
+
+
+def logged_steps_per_second(run: Path) -> float:
+    """Training steps/s of a run from its ``metrics.jsonl`` ``time`` fields (wall time since the previous logged
+    record), leaving out the first two records: step 0 and the interval after it, which hold start-up, warm-up
+    (compilation) and the data-loader workers' start."""
+    from reed.train import read_jsonl
+
+    recs = read_jsonl(Path(run) / "metrics.jsonl")[1:]
+    secs = sum(r["time"] for r in recs[1:])
+    return (recs[-1]["step"] - recs[0]["step"]) / secs if secs > 0 else float("nan")

@@ -23,6 +23,7 @@ changes the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,18 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+from _common import logged_steps_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
-def _steps_per_second(run: Path) -> float:
-    recs = _records(run)[1:]  # the first interval holds start-up, warm-up and the workers' start
-    secs = sum(r["time"] for r in recs[1:])
-    return (recs[-1]["step"] - recs[0]["step"]) / secs
 
 
 def _slow_image_task(latency_ms: float, kind: str):
@@ -112,7 +104,7 @@ def main() -> None:
                 cfg = load_config(config, [*overrides, f"train.workers={w}", f"seed={rep}"])
                 run = tmp / f"{name}_{w}_{rep}"
                 train(cfg, run)
-                sps = _steps_per_second(run)
+                sps = logged_steps_per_second(run)
                 results[name][str(w)].append(round(sps, 3))
                 print(f"[overlap] {name}, {w} workers, repeat {rep}: {sps:.2f} steps/s", flush=True)
                 shutil.rmtree(run, ignore_errors=True)
@@ -161,23 +153,12 @@ def _host_ms(cfg, reps: int = 10) -> float:
     from reed.domains import get_task
 
     task = get_task(cfg)
-    task.setup(device=torch.device("cpu"), main_process_first=_nullcontext, progress=False)
+    task.setup(device=torch.device("cpu"), main_process_first=contextlib.nullcontext, progress=False)
     task.host_batches(0, 0, 1)
     t0 = time.perf_counter()
     for s in range(1, reps + 1):
         task.host_batches(s, 0, 1)
     return round((time.perf_counter() - t0) / reps * 1e3, 2)
-
-
-class _nullcontext:  # noqa: N801 - used as main_process_first()
-    def __init__(self, *a):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _plot(res: dict, path: Path) -> None:

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import logged_steps_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -92,7 +93,9 @@ def _cli(*argv: str) -> None:
 
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from reed.train import read_jsonl
+
+    return read_jsonl(run / "metrics.jsonl")
 
 
 def _need(module: str) -> None:
@@ -325,10 +328,7 @@ class Check:
             torch.cuda.reset_peak_memory_stats()
         run = self.work / f"tp_{_slug(preset)}_{batch}_{int(checkpointing)}"
         train(cfg, run, stop_at=m["steps"])  # one step short of train.steps: no final checkpoint to write
-        recs = _records(run)[1:]  # the first logged interval holds start-up and warm-up
-        secs = sum(r["time"] for r in recs[1:])
-        steps = recs[-1]["step"] - recs[0]["step"]
-        sps = steps / secs if secs > 0 else float("nan")
+        sps = logged_steps_per_second(run)
         flops = self._step_flops(preset, batch, depth)
         row = {"preset": preset, "batch": batch, "repa_depth": depth, "activation_checkpointing": checkpointing,
                "workers": cfg.train.workers,

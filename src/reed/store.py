@@ -207,11 +207,13 @@ class TargetStoreWriter:
                     raise DataError(f"target source '{self.meta['source']}' produced NaN/inf for examples "
                                     f"{rows[j]}..{rows[j] + len(z) - 1}; nothing was written for shard {i}")
                 stored, scale = quantize(z, dtype)
-                back = dequantize(stored_tensor(stored, dtype), None if scale is None else torch.from_numpy(scale))
-                if not torch.isfinite(back).all():
+                as_stored = stored_tensor(stored, dtype)
+                back = dequantize(as_stored, None if scale is None else torch.from_numpy(scale))
+                if not torch.isfinite(back).all():  # only a float type's range can be exceeded
+                    top = torch.finfo(as_stored.dtype).max
                     raise DataError(f"target source '{self.meta['source']}' produced values up to "
                                     f"{np.abs(z).max():.3g} for examples {rows[j]}..{rows[j] + len(z) - 1}, beyond "
-                                    f"the {dtype} range (65504); write the store with --dtype float32 (or "
+                                    f"the {dtype} range ({top:.5g}); write the store with --dtype float32 (or "
                                     "bfloat16) or rescale the target")
                 target_vector_counts(back, f"target source '{self.meta['source']}' (examples {rows[j]}.."
                                      f"{rows[j] + len(z) - 1})")

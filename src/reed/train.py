@@ -204,11 +204,11 @@ def apply_new_hyperparameters(opt: torch.optim.Optimizer, sched, tc, *, fused: b
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
-def _first_non_finite(bad: dict[str, torch.Tensor] | None, logs: dict, loss: torch.Tensor,
-                      step: int) -> dict[str, torch.Tensor]:
-    """The device's record of the first step whose ``loss`` is not finite: ``{"step": (), name: () ...}`` with step
-    -1 and NaN values while there is none. Pure tensor ops on the loss's device (``torch.where``, fills), so
+def _first_non_finite(bad: dict[str, torch.Tensor] | None, logs: dict, step: int) -> dict[str, torch.Tensor]:
+    """The device's record of the first step whose ``logs["loss"]`` is not finite: ``{"step": (), name: () ...}``
+    with step -1 and NaN values while there is none. Pure tensor ops on the loss's device (``torch.where``, fills), so
     recording it never waits for the device; the trainer reads it at logged steps, evaluations and checkpoints."""
+    loss = logs["loss"]
     dev = loss.device
     first = ~torch.isfinite(loss) if bad is None else ~torch.isfinite(loss) & (bad["step"] < 0)
     prev = bad or {"step": torch.full((), -1, dtype=torch.long, device=dev)}
@@ -428,7 +428,6 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
 
     exact = tc.finite_check == "step"
     bad: dict[str, torch.Tensor] | None = None  # the first non-finite step and its logged values, on the device
-    last_loss_t: torch.Tensor | None = None
     source = functools.partial(task.host_batches, rank=rank, world=world)
     hosts = step_batches(source, start_step, end, workers=tc.workers, prefetch=tc.prefetch, pin_memory=pin)
     done = start_step
@@ -446,8 +445,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                     logs[key] = logs.get(key, 0.0) + val / tc.grad_accum
             clip = tc.grad_clip if tc.grad_clip > 0 else math.inf
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), clip)
-            last_loss_t = torch.as_tensor(logs["loss"], device=device)  # a tensor already (no copy)
-            bad = _first_non_finite(bad, logs, last_loss_t, step)
+            bad = _first_non_finite(bad, logs, step)
             done = step + 1
             if exact:
                 check_finite()
@@ -479,7 +477,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = False, overwrite: 
                 evaluate(done)
             if (tc.checkpoint_every > 0 and done % tc.checkpoint_every == 0) or done == tc.steps or done in extra_ckpts:
                 check_finite()  # a checkpoint is written only when every step before it was finite
-                last_loss = float(last_loss_t)
+                last_loss = float(logs["loss"])
                 last_ckpt = checkpoint(done)
     check_finite()
     bar.close()

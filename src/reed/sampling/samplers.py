@@ -20,35 +20,30 @@ Scale = float | torch.Tensor
 
 
 def guides(cfg_scale: Scale) -> bool:
-    """Whether ``cfg_scale`` asks for guidance (some element above 1). A scale moved by :func:`_scale_on` carries
-    the answer read from its host copy, so asking at every step never waits for the device."""
-    if not isinstance(cfg_scale, torch.Tensor):
-        return cfg_scale > 1.0
-    known = getattr(cfg_scale, "_reed_guides", None)
-    return known if known is not None else float(cfg_scale.max()) > 1.0
+    """Whether ``cfg_scale`` asks for guidance (some element above 1). The samplers ask once, of the caller's
+    (host) scale, so deciding at every step never waits for the device."""
+    return float(cfg_scale.max()) > 1.0 if isinstance(cfg_scale, torch.Tensor) else cfg_scale > 1.0
 
 
 def _scale_on(cfg_scale: Scale, x: torch.Tensor) -> Scale:
-    """``cfg_scale`` on ``x``'s device in float64 (once per sampling run), remembering whether it guides."""
-    if not isinstance(cfg_scale, torch.Tensor):
-        return cfg_scale
-    moved = cfg_scale.to(x.device, torch.float64)
-    moved._reed_guides = guides(cfg_scale)
-    return moved
+    """``cfg_scale`` on ``x``'s device in float64 (a no-op once it is there)."""
+    return cfg_scale.to(x.device, torch.float64) if isinstance(cfg_scale, torch.Tensor) else cfg_scale
 
 
 def guided_velocity(model_fn: ModelFn, x: torch.Tensor, t: float, y: torch.Tensor, *, null_class: int,
                     cfg_scale: Scale = 1.0, guidance: tuple[float, float] = (0.0, 1.0),
-                    model_dtype: torch.dtype = torch.float32, decide_at: float | None = None) -> torch.Tensor:
+                    model_dtype: torch.dtype = torch.float32, decide_at: float | None = None,
+                    guided: bool | None = None) -> torch.Tensor:
     """Velocity at scalar time ``t`` with classifier-free guidance when ``cfg_scale > 1`` and
     ``low <= decide_at <= high`` (``decide_at`` defaults to ``t``; Heun's corrector passes the step's start time).
+    ``guided``: :func:`guides` of the scale, when the caller already knows it (None: decided here).
 
     Guidance runs the batch as [x, x] with labels [y, null] and returns u + w (c - u). Output (B,...) in float64.
     """
     b = x.shape[0]
     xin = x.to(model_dtype)
     s = t if decide_at is None else decide_at
-    if guides(cfg_scale) and guidance[0] <= s <= guidance[1]:
+    if (guides(cfg_scale) if guided is None else guided) and guidance[0] <= s <= guidance[1]:
         tt = torch.full((2 * b,), t, device=x.device, dtype=torch.float32)
         yy = torch.cat([y, torch.full_like(y, null_class)])
         out = model_fn(torch.cat([xin, xin]), tt, yy).to(torch.float64)
@@ -73,7 +68,8 @@ def ode_sample(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps
         raise ValueError(f"ode_sample: steps must be >= 1, got {steps}")
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     x = noise.to(torch.float64)
-    kw = dict(null_class=null_class, cfg_scale=_scale_on(cfg_scale, x), guidance=guidance, model_dtype=model_dtype)
+    kw = dict(null_class=null_class, cfg_scale=_scale_on(cfg_scale, x), guided=guides(cfg_scale), guidance=guidance,
+              model_dtype=model_dtype)
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         v = guided_velocity(model_fn, x, t_cur, y, **kw)
         x_next = x + (t_next - t_cur) * v
@@ -102,7 +98,8 @@ def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, 
     process = process or FlowProcess("linear")
     times = torch.linspace(1.0, last_t, steps, dtype=torch.float64).tolist() + [0.0]
     x = noise.to(torch.float64)
-    cfg_scale = _scale_on(cfg_scale, x)  # moved to the device once, not every step
+    guided = guides(cfg_scale)  # decided and moved to the device once, not every step
+    cfg_scale = _scale_on(cfg_scale, x)
 
     def drift(xx: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((xx.shape[0],), t, device=xx.device, dtype=torch.float64)
@@ -112,9 +109,9 @@ def euler_maruyama_sde(model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, 
     b = x.shape[0]
     for i, (t_cur, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt = t_next - t_cur
-        if guides(cfg_scale) and guidance[0] <= t_cur <= guidance[1]:
+        if guided and guidance[0] <= t_cur <= guidance[1]:
             d = drift(torch.cat([x, x]), torch.cat([y, torch.full_like(y, null_class)]), t_cur)
-            d = d[b:] + _scale_on(cfg_scale, d) * (d[:b] - d[b:])
+            d = d[b:] + cfg_scale * (d[:b] - d[b:])
         else:
             d = drift(x, y, t_cur)
         x = x + d * dt
