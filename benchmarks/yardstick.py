@@ -357,18 +357,18 @@ def summarise(results: dict) -> None:
                       "malformed_mean": _r(np.mean([p["malformed"] for p in last])),
                       "attribute_tv_mean": {a: _r(np.mean([p["attribute_tv"][a] for p in last]))
                                             for a in last[0]["attribute_tv"]}} if last else {}
-    results["resolution"], results["resolution_ok"], results["resolution_unsmoothed"] = {}, {}, {}
-    results["resolution_sem"], results["resolution_ok_sem"] = {}, {}
+    ran = [m for m in methods.values() if m["seeds"]]
+    for name in ("resolution", "resolution_ok", "resolution_unsmoothed", "resolution_sem", "resolution_ok_sem"):
+        results[name] = {}
     for key in thr:
-        rels = [m["steps_to_threshold"][key]["rel_spread"] for m in methods.values() if m["seeds"]]
-        known = [r for r in rels if r is not None]
-        results["resolution"][key] = max(known) if known else None
-        results["resolution_ok"][key] = bool(rels) and all(r is not None and r <= RESOLUTION_LIMIT for r in rels)
-        raw = [m["steps_to_threshold"][key]["unsmoothed"]["rel_spread"] for m in methods.values() if m["seeds"]]
-        results["resolution_unsmoothed"][key] = max([r for r in raw if r is not None], default=None)
-        sems = [m["steps_to_threshold"][key].get("rel_sem") for m in methods.values() if m["seeds"]]
-        results["resolution_sem"][key] = max([r for r in sems if r is not None], default=None)
-        results["resolution_ok_sem"][key] = bool(sems) and all(r is not None and r <= RESOLUTION_LIMIT for r in sems)
+        recs = [m["steps_to_threshold"][key] for m in ran]
+        for stat, worst, ok in (("rel_spread", "resolution", "resolution_ok"),
+                                ("rel_sem", "resolution_sem", "resolution_ok_sem")):
+            vals = [r.get(stat) for r in recs]  # null where a method never reached the threshold
+            results[worst][key] = max([v for v in vals if v is not None], default=None)
+            results[ok][key] = bool(vals) and all(v is not None and v <= RESOLUTION_LIMIT for v in vals)
+        raw = [r["unsmoothed"]["rel_spread"] for r in recs]
+        results["resolution_unsmoothed"][key] = max([v for v in raw if v is not None], default=None)
 
     def ratios(base: str, names) -> dict:
         if base not in methods:
@@ -432,8 +432,8 @@ def markdown(results: dict) -> str:
         cells = []
         for m in methods.values():
             r = m["steps_to_threshold"][key]
-            cells.append("not reached" if r["mean"] is None else
-                         f"{r['mean']:.0f} ({r['rel_spread']:.1%}; s.e. {r.get('rel_sem') or 0:.1%})")
+            se = "" if r.get("rel_sem") is None else f"; s.e. {r['rel_sem']:.1%}"  # none from a single seed
+            cells.append("not reached" if r["mean"] is None else f"{r['mean']:.0f} ({r['rel_spread']:.1%}{se})")
         ranges = check(results["resolution_ok"][key], results["resolution"][key])
         sems = check(results.get("resolution_ok_sem", {}).get(key), results.get("resolution_sem", {}).get(key))
         lines.append(f"| {float(key):.0f} (SiT at {t['fraction']:.0%}) | " + " | ".join(cells)
